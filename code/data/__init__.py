@@ -1,0 +1,1 @@
+"""Data: synthetic phantom, preprocessing to npy, datasets and transforms."""

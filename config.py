@@ -1,0 +1,93 @@
+"""Per-task settings: data locations, patch, classes, schedules.
+
+Defaults reproduce the original's relative paths (run everything from the repository root). Each path can be
+overridden by an environment variable, e.g. ``DHC_SYNAPSE_RAW=/data/Synapse DHC_SYNAPSE_DATA=/fast/synapse_data``.
+Spec: architecture-reference.md §3.1 and §6 (utils/config.py of the original).
+"""
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, Optional, Tuple
+
+SYNAPSE_ORGANS = ("spleen", "kidney_r", "kidney_l", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+                  "ivc", "portal_splenic_veins", "pancreas", "adrenal_r", "adrenal_l")
+AMOS_ORGANS = ("spleen", "kidney_r", "kidney_l", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+               "ivc", "pancreas", "adrenal_r", "adrenal_l", "duodenum", "bladder", "prostate_uterus")
+
+PAPER_EPOCHS = MappingProxyType({2: 200, 5: 200, 10: 200, 20: 300, 40: 300})  # train3times_seeds_<N>p.sh
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything that differs between tasks. Arrays are (D, H, W) = (z, y, x)."""
+    name: str
+    raw_dir: str                  # NIfTI input of preprocessing (original: base_dir)
+    data_dir: str                 # npy/ + splits/ written by preprocessing (original: save_dir)
+    patch_size: Tuple[int, int, int]
+    class_names: Tuple[str, ...]  # foreground organs in label-id order (id 1 first)
+    raw_layout: str               # "synapse" (imagesTr/img0001, labelsTr/label0001) or "amos"
+    inplane_halving: bool         # Synapse: volumes are halved in H and W before cropping and inference (Q24)
+    fixed_grid: Optional[Tuple[int, int, int]]  # AMOS: every volume resized to this grid at preprocessing (Q19)
+    early_stop_patience: int
+    label_ratios: Tuple[int, ...]  # labeled percentages written by preprocessing
+    epochs: Mapping[int, int]      # label ratio -> epochs E (the scripts' -ep)
+    num_channels: int = 1
+    n_filters: int = 32
+    eval_every: int = 10
+    flip: bool = True              # HEAD trains with flips (Q26)
+    window: Tuple[float, float] = (-75.0, 275.0)  # CT intensity clip before min-max (§3.3)
+    split_seed: int = 0
+
+    @property
+    def num_cls(self) -> int:
+        """Number of classes including background (Synapse 14, AMOS 16)."""
+        return len(self.class_names) + 1
+
+    @property
+    def npy_dir(self) -> str:
+        return os.path.join(self.data_dir, "npy")
+
+    @property
+    def splits_dir(self) -> str:
+        return os.path.join(self.data_dir, "splits")
+
+    def split_path(self, split: str) -> str:
+        return os.path.join(self.splits_dir, f"{split}.txt")
+
+
+def _env(task: str, kind: str, default: str) -> str:
+    return os.environ.get(f"DHC_{task.upper()}_{kind}", default)
+
+
+def _tasks():
+    return {
+        "synapse": TaskConfig(
+            name="synapse", raw_dir=_env("synapse", "RAW", "./Datasets/Synapse"),
+            data_dir=_env("synapse", "DATA", "./synapse_data"), patch_size=(64, 128, 128),
+            class_names=SYNAPSE_ORGANS, raw_layout="synapse", inplane_halving=True, fixed_grid=None,
+            early_stop_patience=100, label_ratios=(10, 20, 40), epochs=PAPER_EPOCHS),
+        "amos": TaskConfig(
+            name="amos", raw_dir=_env("amos", "RAW", "./Datasets/amos22"),
+            data_dir=_env("amos", "DATA", "./amos_data"), patch_size=(64, 128, 128),
+            class_names=AMOS_ORGANS, raw_layout="amos", inplane_halving=False, fixed_grid=(80, 160, 160),
+            early_stop_patience=50, label_ratios=(2, 5, 10), epochs=PAPER_EPOCHS),
+        # CPU-sized synthetic abdomen (code/data/phantom.py): Synapse layout and pipeline, 192x192 in-plane
+        # halved to 96x96, so the whole three-seed DHC run takes minutes on two cores.
+        "phantom": TaskConfig(
+            name="phantom", raw_dir=_env("phantom", "RAW", "./Datasets/Phantom"),
+            data_dir=_env("phantom", "DATA", "./phantom_data"), patch_size=(32, 64, 64),
+            class_names=SYNAPSE_ORGANS, raw_layout="synapse", inplane_halving=True, fixed_grid=None,
+            early_stop_patience=100, label_ratios=(10, 20, 40),
+            epochs=MappingProxyType({2: 40, 5: 40, 10: 40, 20: 40, 40: 40}), n_filters=8, eval_every=5),
+    }
+
+
+TASK_NAMES = ("synapse", "amos", "phantom")
+
+
+def get_task(name: str) -> TaskConfig:
+    """The task's settings, with environment overrides read now (not at import)."""
+    tasks = _tasks()
+    if name not in tasks:
+        raise KeyError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+    return tasks[name]
