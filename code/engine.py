@@ -1,0 +1,343 @@
+"""The shared training loop: CLI, loaders, AMP, optimisers, schedules, validation, checkpoints, resume, logs.
+
+It knows nothing about any method. A method subclasses ``Method`` (below) and ends its file with
+``if __name__ == "__main__": run(MyMethod)``. Spec: architecture-reference.md §3.5, methods/dhc.md §2, §6-8;
+quirks Q3-Q5, Q8, Q30, Q34-Q37.
+
+Per run: ``on_train_start(labeled_ds)``; per iteration, under autocast: ``training_step(x_l, y_l, x_u, step)`` ->
+dict of scalar tensors with a ``loss`` entry; the engine backpropagates and steps one SGD per ``nets`` entry, then
+``after_optimizer_step(step)``; per epoch ``on_epoch_end(epoch)``; validation via ``predict(x)``.
+"""
+import dataclasses
+import logging
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+
+from utils import ramps
+from utils.io import ConfigError, DataError, exp_dir, torch_save
+from utils.runinfo import build_parser, resolve_config, write_run_json
+from utils.validation import validate
+
+log = logging.getLogger("engine")
+
+MAX_NONFINITE_IN_A_ROW = 20  # a run whose loss is NaN/inf this many iterations in a row is broken: stop
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What a method may know about the schedule at one iteration (values already ramped and lagged, Q34)."""
+    epoch: int
+    it: int          # iteration within the epoch
+    global_it: int   # iterations since the start of training
+    lr: float
+    unsup_w: float   # λ: the ramped unsupervised / CPS weight
+
+
+class Method:
+    """Base class of every method: no-op hooks, nets in ``self.nets`` (one SGD each), own state via state_dict."""
+    uses_unlabeled = True     # False: the engine builds only the labeled loader and passes x_u=None
+    drop_last = False         # ADSH's loaders drop the last incomplete batch
+    early_stop = True         # the fully supervised script runs all epochs
+    network = "VNet"          # models.build_network name recorded in run.json for test.py
+    bare_checkpoint = False   # best_model.pth = one bare state_dict instead of {name: state_dict}
+    defaults = {}             # CLI default overrides for this method (e.g. base_lr, cps_w)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.nets = {}  # trained networks, one SGD each; their names are the checkpoint keys
+        self.aux = {}   # untrained modules the method owns (EMA teachers): moved to the device, saved in last.pth
+
+    @classmethod
+    def add_args(cls, parser):
+        """Declare method-specific flags."""
+
+    def on_train_start(self, labeled_ds):
+        """Called once before the first epoch (e.g. class-frequency initialisation)."""
+
+    def training_step(self, x_l, y_l, x_u, step):
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step):
+        """Called after every optimiser step (EMA teachers, counters, banks)."""
+
+    def on_epoch_end(self, epoch):
+        """Per-epoch statistics; returns {tag: scalar or 1-D tensor} to log."""
+        return {}
+
+    def predict(self, x):
+        """Validation logits: the mean of the nets' logits (the original's A+B average)."""
+        logits = [net(x) for net in self.nets.values()]
+        return sum(logits) / len(logits)
+
+    def best_checkpoint(self):
+        """The original's best_model.pth content."""
+        if self.bare_checkpoint:
+            (net,) = self.nets.values()
+            return net.state_dict()
+        return {name: net.state_dict() for name, net in self.nets.items()}
+
+    def state_dict(self):
+        """Method state beyond the nets' weights (class weights, teachers, banks) for last.pth.
+        Subclasses extend the dict returned here."""
+        return {"aux": {name: module.state_dict() for name, module in self.aux.items()}}
+
+    def load_state_dict(self, state):
+        for name, module in self.aux.items():
+            module.load_state_dict(state["aux"][name])
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def is_main_process():
+    """The one place that decides who logs and writes files (rank 0 under torchrun)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:  # Q37: the original leaves cudnn non-deterministic
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_loader(dataset, cfg, method, shuffle=True):
+    """Training loaders are built here only (a DistributedSampler would go here)."""
+    from data.dataset import seed_worker
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
+        pin_memory=cfg.device.type == "cuda", worker_init_fn=seed_worker, drop_last=method.drop_last)
+
+
+def build_datasets(cfg, method):
+    """(labeled, unlabeled or None, eval) datasets. The labeled set repeats to the unlabeled length (§3.5)."""
+    from data.dataset import VolumeDataset
+    from data.transforms import make_eval_transform, make_train_transform
+    train_tf = make_train_transform(cfg.task, cfg.patch_size, flip=not cfg.no_flip)
+    unlabeled = None
+    if method.uses_unlabeled:
+        unlabeled = VolumeDataset(cfg.task, cfg.split_unlabeled, transform=train_tf, unlabeled=True)
+    labeled = VolumeDataset(cfg.task, cfg.split_labeled, transform=train_tf,
+                            repeat=len(unlabeled) if unlabeled is not None else None)
+    evaluation = VolumeDataset(cfg.task, cfg.split_eval, transform=make_eval_transform(cfg.task, cfg.patch_size))
+    return labeled, unlabeled, evaluation
+
+
+def setup_logging(folder):
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if folder is not None:
+        handlers.append(logging.FileHandler(os.path.join(folder, "train.log")))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def fmt_vector(t):
+    return np.array2string(np.asarray(t.detach().float().cpu() if torch.is_tensor(t) else t), precision=4,
+                           suppress_small=True, max_line_width=200)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, method_cls, cfg):
+        self.cfg = cfg
+        self.folder = exp_dir(cfg.exp)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.labeled, self.unlabeled, self.eval_ds = build_datasets(cfg, method_cls)
+        self.method = method_cls(cfg)
+        for module in (*self.method.nets.values(), *self.method.aux.values()):
+            module.to(cfg.device)
+        self.optimizers = {name: torch.optim.SGD(net.parameters(), lr=cfg.base_lr, momentum=0.9,
+                                                 weight_decay=3e-5, nesterov=True)
+                           for name, net in self.method.nets.items()}
+        self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
+        self.start_epoch, self.best_dice, self.best_epoch = 0, 0.0, 0
+        self.nonfinite_total = 0
+        self.writer = None
+
+    # -- files
+    def _ckpt(self, name):
+        return os.path.join(self.folder, "ckpts", name)
+
+    def save_last(self, epoch):
+        torch_save(self._ckpt("last.pth"), {
+            "epoch": epoch, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
+            "nets": {k: n.state_dict() for k, n in self.method.nets.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scaler": self.scaler.state_dict(), "method": self.method.state_dict(), "rng": rng_state(),
+            "nonfinite_total": self.nonfinite_total})
+
+    def resume(self):
+        path = self._ckpt("last.pth")
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no checkpoint to resume from")
+        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        for k, net in self.method.nets.items():
+            net.load_state_dict(state["nets"][k])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state["method"])
+        set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+        self.nonfinite_total = state["nonfinite_total"]
+        log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", path, self.start_epoch,
+                 self.best_dice, self.best_epoch)
+
+    def _open_outputs(self):
+        os.makedirs(os.path.join(self.folder, "ckpts"), exist_ok=True)
+        setup_logging(self.folder)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(self.folder, "tensorboard"))
+
+    # -- training
+    def train_epoch(self, epoch, lr, unsup_w):
+        cfg, method = self.cfg, self.method
+        for net in method.nets.values():
+            net.train()
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+        labeled = make_loader(self.labeled, cfg, method)
+        batches = (zip(labeled, make_loader(self.unlabeled, cfg, method)) if self.unlabeled is not None
+                   else ((b, None) for b in labeled))
+        sums, n_it, nonfinite_row = {}, 0, 0
+        for it, (lab, unlab) in enumerate(batches):
+            step = Step(epoch, it, epoch * len(labeled) + it, lr, unsup_w)
+            x_l = lab["image"].to(cfg.device, non_blocking=True)
+            y_l = lab["label"].to(cfg.device, non_blocking=True).unsqueeze(1)  # [B,1,D,H,W] (fetch_data)
+            x_u = None if unlab is None else unlab["image"].to(cfg.device, non_blocking=True)
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            with torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
+                out = method.training_step(x_l, y_l, x_u, step)
+            # One host sync per iteration; GradScaler.step syncs anyway on the AMP path.
+            if not torch.isfinite(out["loss"]):
+                self.nonfinite_total += 1
+                nonfinite_row += 1
+                log.warning("epoch %d it %d: non-finite loss, step skipped (%d in a row)", epoch, it, nonfinite_row)
+                if nonfinite_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise FloatingPointError(f"{nonfinite_row} non-finite losses in a row at epoch {epoch}: "
+                                             "lower --base_lr or check the data")
+                continue
+            nonfinite_row = 0
+            self.scaler.scale(out["loss"]).backward()
+            for opt in self.optimizers.values():
+                self.scaler.step(opt)
+            self.scaler.update()
+            method.after_optimizer_step(step)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+            n_it += 1
+        return {k: (v / max(n_it, 1)).item() for k, v in sums.items()}
+
+    def log_epoch(self, epoch, lr, unsup_w, means, extra):
+        w = self.writer
+        w.add_scalar("lr", lr, epoch)
+        w.add_scalar("cps_w", unsup_w, epoch)
+        for key, value in means.items():
+            w.add_scalar(f"loss/{key}", value, epoch)
+        parts = [f"epoch {epoch}", f"lr {lr:.6f}", f"cps_w {unsup_w:.4f}"]
+        parts += [f"{k} {v:.4f}" for k, v in means.items()]
+        log.info(" | ".join(parts))
+        for tag, value in extra.items():
+            if torch.is_tensor(value) and value.numel() > 1:
+                names = ("background",) + tuple(self.cfg.task.class_names)
+                w.add_scalars(tag, {names[i] if len(names) == value.numel() else str(i): float(v)
+                                    for i, v in enumerate(value.detach().float().cpu())}, epoch)
+                log.info("    %s: %s", tag, fmt_vector(value))
+            else:
+                w.add_scalar(tag, float(value), epoch)
+
+    def maybe_validate(self, epoch):
+        """Every eval_every epochs (epoch 0 included): centre-crop Dice, best checkpoint, early stop (§8)."""
+        cfg = self.cfg
+        if epoch % cfg.eval_every != 0:
+            return False
+        per_class = validate(self.method, self.eval_ds, cfg.num_cls, cfg.device)
+        mean = float(per_class.mean())
+        names = cfg.task.class_names
+        for name, value in zip(names, per_class):
+            self.writer.add_scalar(f"val_dice/{name}", float(value), epoch)
+        self.writer.add_scalar("val_dice/mean", mean, epoch)
+        if mean > self.best_dice:  # strictly greater, as the original
+            self.best_dice, self.best_epoch = mean, epoch
+            torch_save(self._ckpt("best_model.pth"), self.method.best_checkpoint())
+        log.info("validation epoch %d: mean dice %.4f (best %.4f at epoch %d) | %s", epoch, mean, self.best_dice,
+                 self.best_epoch, " ".join(f"{n} {v:.3f}" for n, v in zip(names, per_class)))
+        stop = self.method.early_stop and epoch - self.best_epoch == cfg.task.early_stop_patience
+        if stop:
+            log.info("early stop: no improvement for %d epochs", cfg.task.early_stop_patience)
+        return stop
+
+    def fit(self):
+        cfg = self.cfg
+        self._open_outputs()
+        write_run_json(cfg, self.method, self.folder)
+        if cfg.resume:
+            self.resume()
+        else:
+            self.method.on_train_start(self.labeled)
+        log.info("%s on %s: %d labeled, %s unlabeled, %d eval cases; epochs %d..%d; device %s, amp %s",
+                 cfg.method, cfg.task.name, len(self.labeled.ids),
+                 len(self.unlabeled.ids) if self.unlabeled else 0, len(self.eval_ds.ids), self.start_epoch,
+                 cfg.max_epoch, cfg.device, cfg.amp)
+        from tqdm import tqdm
+        bar = tqdm(range(self.start_epoch, cfg.max_epoch + 1), desc=cfg.exp, disable=not sys.stderr.isatty())
+        for epoch in bar:  # E + 1 epochs, 0..E, as the original (Q34)
+            lr = ramps.lr_at_epoch(epoch, cfg.max_epoch, cfg.base_lr)
+            unsup_w = ramps.unsup_weight_at_epoch(epoch, cfg.cps_w, cfg.rampup_length)
+            means = self.train_epoch(epoch, lr, unsup_w)
+            self.log_epoch(epoch, lr, unsup_w, means, self.method.on_epoch_end(epoch))
+            stop = self.maybe_validate(epoch)
+            self.save_last(epoch)
+            bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", best=f"{self.best_dice:.3f}")
+            if stop:
+                break
+        self.writer.close()
+        if self.nonfinite_total:
+            log.warning("%d iterations skipped for non-finite losses", self.nonfinite_total)
+        log.info("done: best mean dice %.4f at epoch %d; checkpoint %s", self.best_dice, self.best_epoch,
+                 self._ckpt("best_model.pth"))
+        return self.best_dice
+
+
+def run(method_cls, argv=None):
+    """Entry point of every ``train_<method>.py``: bad input -> ``error: ...`` on stderr, exit 2."""
+    try:
+        cfg = resolve_config(method_cls, build_parser(method_cls).parse_args(argv))
+        return Trainer(method_cls, cfg).fit()
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

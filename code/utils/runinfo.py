@@ -1,0 +1,144 @@
+"""The training CLI (the original's flags plus ours), its resolution into one frozen run configuration, and
+``run.json`` (everything needed to rebuild the run: test.py reads the network from it, Q43)."""
+import argparse
+import dataclasses
+import os
+import platform
+import re
+import subprocess
+import types
+
+import torch
+
+from utils.io import ConfigError, write_json
+from utils.task import REPO_ROOT, get_task, task_names
+
+
+class RunConfig(types.SimpleNamespace):
+    """Frozen namespace: the parsed flags plus task, num_cls, device, amp, rampup_length."""
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"RunConfig is frozen (tried to set {key})")
+
+
+def method_name(method_cls):
+    return getattr(method_cls, "name", None) or method_cls.__name__.lower()
+
+
+def build_parser(method_cls):
+    d = dict(method_cls.defaults)
+    p = argparse.ArgumentParser(description=(method_cls.__doc__ or "").strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", default="synapse", choices=task_names())
+    p.add_argument("--exp", default=None, help="run folder under logs/ (default Task_<task>_<split>/<method>/seed<seed>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-sl", "--split_labeled", "-s", "--split", dest="split_labeled",
+                   default=d.get("split_labeled", "labeled_20p"))
+    p.add_argument("-su", "--split_unlabeled", default=None,
+                   help="default: the labeled split's partner (labeled_Xp -> unlabeled_Xp, Q8)")
+    p.add_argument("-se", "--split_eval", default="eval")
+    p.add_argument("-ep", "--max_epoch", type=int, default=None,
+                   help="E (epochs 0..E run); default from the task config for the split's label ratio")
+    p.add_argument("--cps_loss", default="wce")
+    p.add_argument("--sup_loss", default="w_ce+dice")
+    p.add_argument("--batch_size", type=int, default=d.get("batch_size", 2))
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--base_lr", type=float, default=d.get("base_lr", 1e-3))
+    p.add_argument("-w", "--cps_w", type=float, default=d.get("cps_w", 1.0), help="unsupervised weight w")
+    p.add_argument("-r", "--cps_rampup", action=argparse.BooleanOptionalAction, default=d.get("cps_rampup", False),
+                   help="sigmoid ramp-up of w (the original's -r; not 'resume', Q14)")
+    p.add_argument("-cr", "--consistency_rampup", type=float, default=None, help="ramp-up length (default E)")
+    p.add_argument("-m", "--mixed_precision", action="store_true",
+                   help="accepted for compatibility: AMP is on wherever CUDA is used (Q3)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp16 autocast + GradScaler (default: on for CUDA, off on CPU)")
+    p.add_argument("-g", "--gpu", default="0", help="CUDA device index used when --device is auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue from logs/<exp>/ckpts/last.pth")
+    p.add_argument("--n_filters", type=int, default=None, help="VNet width (default from the task config)")
+    p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
+    p.add_argument("--eval_every", type=int, default=None, help="validation period in epochs (default task's)")
+    p.add_argument("--no_flip", action="store_true", help="train without flips, like the 2023 code (Q26)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/algorithms (Q37)")
+    method_cls.add_args(p)
+    return p
+
+
+def resolve_device(device, gpu):
+    if device == "auto":
+        return torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def default_epochs(task, split_labeled):
+    match = re.fullmatch(r"labeled_(\d+)p", split_labeled)
+    if match and int(match.group(1)) in task.epochs:
+        return task.epochs[int(match.group(1))]
+    return max(task.epochs.values())
+
+
+def resolve_config(method_cls, args):
+    """Merge flags, method defaults and task constants into one RunConfig; the CLI wins."""
+    task = get_task(args.task)
+    v = vars(args).copy()
+    split_unlabeled = args.split_unlabeled
+    if split_unlabeled is None and method_cls.uses_unlabeled:
+        if not args.split_labeled.startswith("labeled_"):
+            raise ConfigError(f"-su is required when -sl is {args.split_labeled!r} (expected labeled_Xp)")
+        split_unlabeled = "un" + args.split_labeled
+    patch = tuple(args.patch_size or task.patch_size)
+    if any(s % 16 for s in patch):
+        raise ConfigError(f"--patch_size {patch}: every size must be divisible by 16 (VNet downsamples 4 times)")
+    max_epoch = args.max_epoch or default_epochs(task, args.split_labeled)
+    device = resolve_device(args.device, args.gpu)
+    amp = (device.type == "cuda") if args.amp is None else args.amp
+    if amp and device.type != "cuda":
+        raise ConfigError("--amp needs a CUDA device (fp16 autocast); CPU training runs in fp32")
+    name = method_name(method_cls)
+    exp = args.exp or f"Task_{task.name}_{args.split_labeled.replace('labeled_', '')}/{name}/seed{args.seed}"
+    v.update(task=task, method=name, exp=exp, split_unlabeled=split_unlabeled, patch_size=patch,
+             max_epoch=max_epoch, device=device, amp=amp, num_cls=task.num_cls,
+             n_filters=args.n_filters or task.n_filters, eval_every=args.eval_every or task.eval_every,
+             rampup_length=(args.consistency_rampup or max_epoch) if args.cps_rampup else None)
+    return RunConfig(**v)
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions():
+    import numpy
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import SimpleITK
+        versions["SimpleITK"] = SimpleITK.Version_VersionString()
+    except ImportError:
+        pass
+    return versions
+
+
+def write_run_json(cfg, method, folder):
+    """run.json beside the checkpoints: method, network, checkpoint layout, every flag, provenance."""
+    net = next(iter(method.nets.values()))
+    write_json(os.path.join(folder, "run.json"), {
+        "method": cfg.method, "task": cfg.task.name, "exp": cfg.exp, "seed": cfg.seed,
+        "network": {"name": method.network, "n_channels": cfg.task.num_channels, "n_classes": cfg.num_cls,
+                    "n_filters": cfg.n_filters, "normalization": getattr(net, "normalization", "batchnorm")},
+        "checkpoint_keys": None if method.bare_checkpoint else sorted(method.nets),
+        "patch_size": list(cfg.patch_size),
+        "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(cfg).items() if k != "task"},
+        "task_config": {f.name: (dict(getattr(cfg.task, f.name)) if f.name == "epochs" else getattr(cfg.task, f.name))
+                        for f in dataclasses.fields(cfg.task)},
+        "git_commit": git_commit(), "versions": library_versions(), "device": str(cfg.device)})

@@ -1,0 +1,122 @@
+"""The shared loop on a tiny on-disk dataset: files written, resume equality, bad input, learning progress."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from train_dhc import DHC
+from train_fully import Fully
+from utils.io import write_list
+
+SHAPE = (24, 64, 64)  # stored; the phantom task halves in-plane -> 24 x 32 x 32
+FAST = ["--task", "phantom", "--n_filters", "4", "--patch_size", "16", "32", "32", "--device", "cpu",
+        "--num_workers", "0", "--eval_every", "1"]
+
+
+def blob_case(rng):
+    """Raw-HU volume with three bright boxes of classes 1..3 (class 3 small) on a soft-tissue background."""
+    image = rng.normal(40, 10, SHAPE).astype(np.float32)
+    label = np.zeros(SHAPE, np.int8)
+    for cls, size, hu in ((1, 14, 200), (2, 10, -50), (3, 6, 250)):
+        z, y, x = (rng.integers(0, s - size) for s in (SHAPE[0], SHAPE[1], SHAPE[2]))
+        label[z:z + size, y:y + 2 * size, x:x + 2 * size] = cls
+        image[label == cls] = rng.normal(hu, 10, (label == cls).sum())
+    return image, label
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    npy = tmp_path / "data" / "npy"
+    npy.mkdir(parents=True)
+    ids = [f"{i:04d}" for i in range(1, 9)]
+    for i in ids:
+        image, label = blob_case(rng)
+        np.save(npy / f"{i}_image.npy", image)
+        np.save(npy / f"{i}_label.npy", label)
+    splits = tmp_path / "data" / "splits"
+    write_list(splits / "labeled_20p.txt", ids[:2])
+    write_list(splits / "unlabeled_20p.txt", ids[2:6])
+    write_list(splits / "eval.txt", ids[6:])
+    write_list(splits / "train.txt", ids[:6])
+    monkeypatch.setenv("DHC_PHANTOM_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path / "logs"))
+    return tmp_path
+
+
+def last_nets(root, exp):
+    return torch.load(root / "logs" / exp / "ckpts" / "last.pth", weights_only=False)["nets"]
+
+
+def test_dhc_run_writes_original_files_and_run_json(tiny_data):
+    engine.run(DHC, FAST + ["--exp", "r", "-ep", "1"])
+    folder = tiny_data / "logs" / "r"
+    best = torch.load(folder / "ckpts" / "best_model.pth", weights_only=True)
+    assert set(best) == {"A", "B"} and len(best["A"]) == 205
+    info = json.loads((folder / "run.json").read_text())
+    assert info["method"] == "dhc" and info["checkpoint_keys"] == ["A", "B"]
+    assert info["network"] == {"name": "VNet", "n_channels": 1, "n_classes": 14, "n_filters": 4,
+                               "normalization": "batchnorm"}
+    assert info["args"]["split_unlabeled"] == "unlabeled_20p"  # derived from -sl (Q8)
+    assert info["args"]["base_lr"] == 3e-2 and info["args"]["cps_w"] == 0.1 and info["args"]["cps_rampup"]
+    log = (folder / "train.log").read_text()
+    assert "validation epoch 0" in log and "validation epoch 1" in log and "class_weights/B" in log
+    assert any(f.startswith("events") for f in os.listdir(folder / "tensorboard"))
+    last = torch.load(folder / "ckpts" / "last.pth", weights_only=False)
+    assert last["epoch"] == 1 and set(last["method"]) >= {"diff_dw", "dist_dw"}
+
+
+def test_resume_gives_identical_weights(tiny_data, monkeypatch):
+    engine.run(DHC, FAST + ["--exp", "straight", "-ep", "3"])
+    original_save = engine.Trainer.save_last
+
+    def save_then_die(self, epoch):
+        original_save(self, epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt  # killed after epoch 1 was saved
+
+    monkeypatch.setattr(engine.Trainer, "save_last", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(DHC, FAST + ["--exp", "resumed", "-ep", "3"])
+    monkeypatch.setattr(engine.Trainer, "save_last", original_save)
+    engine.run(DHC, FAST + ["--exp", "resumed", "-ep", "3", "--resume"])
+    a, b = last_nets(tiny_data, "straight"), last_nets(tiny_data, "resumed")
+    for net in ("A", "B"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), (net, key)
+
+
+def test_bad_split_is_one_line_error_and_writes_nothing(tiny_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        engine.run(DHC, FAST + ["--exp", "bad", "-sl", "labeled_5p"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "labeled_5p.txt" in err and "\n" not in err
+    assert not (tiny_data / "logs" / "bad").exists()
+
+
+def test_unknown_task_lists_choices(tiny_data, capsys):
+    with pytest.raises(SystemExit):
+        engine.run(DHC, ["--task", "brats"])
+    assert "phantom" in capsys.readouterr().err
+
+
+def test_fully_trains_on_labeled_only_with_bare_checkpoint(tiny_data):
+    engine.run(Fully, FAST + ["--exp", "f", "-ep", "1", "-sl", "train", "-w", "0.3", "-r"])
+    best = torch.load(tiny_data / "logs" / "f" / "ckpts" / "best_model.pth", weights_only=True)
+    assert "out_conv.weight" in best and len(best) == 205  # bare state dict
+    info = json.loads((tiny_data / "logs" / "f" / "run.json").read_text())
+    assert info["checkpoint_keys"] is None and info["args"]["batch_size"] == 4
+
+
+def test_dhc_learns_on_easy_blobs(tiny_data):
+    """A few CPU epochs raise the validation Dice above its epoch-0 value."""
+    best = engine.run(DHC, FAST + ["--exp", "learn", "-ep", "6", "--n_filters", "8"])
+    log = (tiny_data / "logs" / "learn" / "train.log").read_text()
+    first = float(log.split("validation epoch 0: mean dice ")[1].split()[0])
+    spleen = [float(line.split("spleen ")[1].split()[0]) for line in log.splitlines() if "validation epoch" in line]
+    assert best > first + 0.02
+    assert spleen[0] < 0.3 and max(spleen) > 0.5  # the large class 1 is really learned
