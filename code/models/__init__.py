@@ -1,0 +1,13 @@
+"""Networks with the original's module names, so released checkpoints load with strict=True."""
+from models.vnet import VNet
+from utils.io import ConfigError
+
+NETWORKS = {"VNet": VNet}
+
+
+def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False):
+    """The network registered as ``name`` (``run.json``'s "network" record); unknown names raise ConfigError."""
+    if name not in NETWORKS:
+        raise ConfigError(f"unknown network {name!r}; known networks: {', '.join(sorted(NETWORKS))}")
+    return NETWORKS[name](n_channels=n_channels, n_classes=n_classes, n_filters=n_filters,
+                          normalization=normalization, has_dropout=has_dropout)
