@@ -165,6 +165,29 @@ def fmt_vector(t):
                            suppress_small=True, max_line_width=200)
 
 
+def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step):
+    """One iteration: zero grads, ``training_step`` under autocast, scaled backward, step every optimiser,
+    ``after_optimizer_step``. Returns the method's outputs, or None when the loss is not finite (step skipped)."""
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    with torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
+        out = method.training_step(x_l, y_l, x_u, step)
+    if not torch.isfinite(out["loss"]):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
+        return None
+    scaler.scale(out["loss"]).backward()
+    for opt in optimizers.values():
+        scaler.step(opt)
+    scaler.update()
+    method.after_optimizer_step(step)
+    return out
+
+
+def make_optimizers(method, base_lr):
+    """One SGD per trained net (methods/dhc.md §2): momentum 0.9, nesterov, weight decay 3e-5."""
+    return {name: torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=3e-5, nesterov=True)
+            for name, net in method.nets.items()}
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -177,9 +200,7 @@ class Trainer:
         self.method = method_cls(cfg)
         for module in (*self.method.nets.values(), *self.method.aux.values()):
             module.to(cfg.device)
-        self.optimizers = {name: torch.optim.SGD(net.parameters(), lr=cfg.base_lr, momentum=0.9,
-                                                 weight_decay=3e-5, nesterov=True)
-                           for name, net in self.method.nets.items()}
+        self.optimizers = make_optimizers(self.method, cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
         self.start_epoch, self.best_dice, self.best_epoch = 0, 0.0, 0
         self.nonfinite_total = 0
@@ -238,12 +259,8 @@ class Trainer:
             x_l = lab["image"].to(cfg.device, non_blocking=True)
             y_l = lab["label"].to(cfg.device, non_blocking=True).unsqueeze(1)  # [B,1,D,H,W] (fetch_data)
             x_u = None if unlab is None else unlab["image"].to(cfg.device, non_blocking=True)
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            with torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
-                out = method.training_step(x_l, y_l, x_u, step)
-            # One host sync per iteration; GradScaler.step syncs anyway on the AMP path.
-            if not torch.isfinite(out["loss"]):
+            out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step)
+            if out is None:
                 self.nonfinite_total += 1
                 nonfinite_row += 1
                 log.warning("epoch %d it %d: non-finite loss, step skipped (%d in a row)", epoch, it, nonfinite_row)
@@ -252,11 +269,6 @@ class Trainer:
                                              "lower --base_lr or check the data")
                 continue
             nonfinite_row = 0
-            self.scaler.scale(out["loss"]).backward()
-            for opt in self.optimizers.values():
-                self.scaler.step(opt)
-            self.scaler.update()
-            method.after_optimizer_step(step)
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             n_it += 1
