@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from utils import ramps
+from utils.device import place_module
 from utils.io import ConfigError, DataError, exp_dir, torch_save
 from utils.runinfo import build_parser, resolve_config, write_run_json
 from utils.validation import validate
@@ -199,7 +200,7 @@ class Trainer:
         self.labeled, self.unlabeled, self.eval_ds = build_datasets(cfg, method_cls)
         self.method = method_cls(cfg)
         for module in (*self.method.nets.values(), *self.method.aux.values()):
-            module.to(cfg.device)
+            place_module(module, cfg.device)
         self.optimizers = make_optimizers(self.method, cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
         self.start_epoch, self.best_dice, self.best_epoch = 0, 0.0, 0

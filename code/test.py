@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.inference import STRIDES, prepare_case, prepare_net, sliding_window_predict
 from utils.io import ConfigError, DataError, atomic_path, exp_dir, read_list
-from utils.runinfo import resolve_device
+from utils.device import resolve_device
 from utils.task import get_task
 
 log = logging.getLogger("test")

@@ -10,6 +10,7 @@ import types
 
 import torch
 
+from utils.device import resolve_device
 from utils.io import ConfigError, write_json
 from utils.task import REPO_ROOT, get_task, task_names
 
@@ -62,18 +63,6 @@ def build_parser(method_cls):
     p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/algorithms (Q37)")
     method_cls.add_args(p)
     return p
-
-
-def resolve_device(device, gpu):
-    if device == "auto":
-        return torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def default_epochs(task, split_labeled):
