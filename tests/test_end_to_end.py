@@ -1,0 +1,58 @@
+"""The whole pipeline on a tiny phantom through the three-seed script: phantom -> preprocess -> train (1 seed,
+2 epochs) -> test -> evaluate -> paper table. Asserts the files each step must produce and their contents."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import SimpleITK as sitk
+
+from data.phantom import write_dataset
+from data.preprocess import preprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_phantom_pipeline_end_to_end(tmp_path, monkeypatch):
+    env = dict(os.environ, DHC_PHANTOM_RAW=str(tmp_path / "raw"), DHC_PHANTOM_DATA=str(tmp_path / "data"),
+               DHC_LOG_ROOT=str(tmp_path / "logs"), PYTHON=sys.executable, SEEDS="0 1",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "code"), REPO]))
+    for key in ("DHC_PHANTOM_RAW", "DHC_PHANTOM_DATA", "DHC_LOG_ROOT"):
+        monkeypatch.setenv(key, env[key])
+    write_dataset(tmp_path / "raw", n_cases=10, seed=0, shape=(24, 64, 64), progress=False)
+    summary = preprocess("phantom", progress=False)
+    assert summary["splits"]["test"] == 2
+
+    train_flags = ["-ep", "1", "--n_filters", "4", "--patch_size", "16", "32", "32", "--num_workers", "0"]
+    out = subprocess.run(["bash", os.path.join(REPO, "train3times_seeds_20p.sh"), "-c", "0", "-t", "phantom",
+                          "-m", "dhc", "-e", "_tiny", "-l", "3e-2", "-w", "0.1", "--", *train_flags],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    exp = tmp_path / "logs" / "Task_phantom_20p" / "dhc_tiny"
+    test_ids = (tmp_path / "data" / "splits" / "test.txt").read_text().split()
+    for fold in (1, 2):
+        folder = exp / f"fold{fold}"
+        run = json.loads((folder / "run.json").read_text())
+        assert run["seed"] == (0, 1)[fold - 1] and run["args"]["max_epoch"] == 1
+        assert (folder / "ckpts" / "best_model.pth").is_file() and (folder / "train.log").is_file()
+        for case in test_ids:
+            pred = sitk.ReadImage(str(folder / "predictions_AB" / f"{case}.nii.gz"))
+            raw = sitk.ReadImage(str(tmp_path / "raw" / "labelsTr" / f"label{case}.nii.gz"))
+            assert pred.GetPixelID() == sitk.sitkUInt8
+            assert pred.GetSize() == (32, 32, 24)  # inference grid: in-plane halved (x, y, z)
+            assert np.allclose(pred.GetSpacing(), np.array(raw.GetSpacing()) * (2, 2, 1))
+            assert np.allclose(pred.GetOrigin(), raw.GetOrigin())
+
+    text = (exp / "evaluation_res.txt").read_text()
+    assert text.startswith("Fold1\n") and "\nFold2\n" in text and "Final Avg Dice:" in text
+    rows = (exp / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2 * len(test_ids) * 13  # header + folds x cases x organs
+    assert "Final Avg Dice" in out.stdout
+
+    table = subprocess.run([sys.executable, os.path.join(REPO, "code", "make_table.py"), "--exps", str(exp),
+                            "--out", str(tmp_path / "table")], env=env, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "| dhc_tiny |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "table.png").stat().st_size > 1000
