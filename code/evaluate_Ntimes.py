@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.transforms import halve_inplane_label, prepare_label
-from utils.io import ConfigError, DataError, exp_dir, read_list, read_nifti, write_json, write_text
+from utils.io import ConfigError, DataError, cli_main, exp_dir, read_list, read_nifti, write_json, write_text
 from utils.metrics import BOTH_EMPTY_MODES, N_GT, N_PRED, class_stats, paper_values, standard_values
 from utils.task import get_task
 
@@ -313,24 +313,20 @@ def write_outputs(result, folder):
     write_json(os.path.join(folder, "results.json"), result["json"])
 
 
+@cli_main
 def main(argv=None, task=None):
     """CLI; ``task`` (a TaskConfig) overrides ``--task`` (tests). Bad input -> ``error: ...``, returns 2."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        task = task if task is not None else get_task(args.task)
-        if args.folds < 1:
-            raise ConfigError(f"--folds must be >= 1, got {args.folds}")
-        print("\n Evaluating...")
-        result = evaluate(task, args.exp, args.folds, args.cps, args.gt, args.both_empty, not args.no_progress)
-        write_outputs(result, exp_dir(args.exp))
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    task = task if task is not None else get_task(args.task)
+    if args.folds < 1:
+        raise ConfigError(f"--folds must be >= 1, got {args.folds}")
+    print("\n Evaluating...")
+    result = evaluate(task, args.exp, args.folds, args.cps, args.gt, args.both_empty, not args.no_progress)
+    write_outputs(result, exp_dir(args.exp))
     print(render_stdout(result["paper"]))
     log.info("wrote %s/{evaluation_res.txt,evaluation_res.md,results.csv,results.json} (both-empty: %s)",
              exp_dir(args.exp), args.both_empty)
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from utils.io import ConfigError, DataError, atomic_path, log_root, write_text
+from utils.io import ConfigError, DataError, atomic_path, cli_main, log_root, write_text
 
 log = logging.getLogger("make_table")
 
@@ -183,18 +183,14 @@ def make_table(exps, out, names=None, metrics="paper"):
     return markdown
 
 
+@cli_main
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = args.out or os.path.join(log_root(), "table")
-    try:
-        markdown = make_table(args.exps, out, args.names, args.metrics)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    markdown = make_table(args.exps, out, args.names, args.metrics)
     print(markdown, end="")
     log.info("wrote %s.{md,tex,csv,png}", out)
-    return 0
 
 
 if __name__ == "__main__":

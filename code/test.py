@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from utils.inference import STRIDES, prepare_case, prepare_net, sliding_window_predict
-from utils.io import ConfigError, DataError, atomic_path, exp_dir, read_list
+from utils.io import ConfigError, DataError, atomic_path, cli_main, exp_dir, read_list
 from utils.device import resolve_device
 from utils.task import get_task
 
@@ -205,15 +205,11 @@ def run(args):
     return out_dir
 
 
+@cli_main
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        run(args)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    run(args)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from scipy import ndimage
 if __name__ == "__main__":  # `python code/data/phantom.py` puts code/data, not code/, on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.io import ConfigError, DataError, atomic_path, read_nifti, write_json  # noqa: E402
+from utils.io import ConfigError, atomic_path, cli_main, read_nifti, write_json  # noqa: E402
 from utils.task import get_task  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -610,6 +610,7 @@ def _summary(out_dir, layout, files, written, seconds):
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv=None):
     import time
     parser = argparse.ArgumentParser(description="Write the synthetic abdominal CT phantom (raw NIfTI).")
@@ -623,17 +624,12 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="rewrite even if the folder already holds data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = args.out or get_task("phantom").raw_dir
-        start = time.perf_counter()
-        written = write_dataset(out, args.cases, args.seed, args.layout, args.val_cases, overwrite=args.force)
-        seconds = time.perf_counter() - start
-        n_val = _check_args(args.cases, args.seed, args.layout, args.val_cases)
-        print(_summary(out, args.layout, case_files(out, args.layout, args.cases, n_val), written, seconds))
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    out = args.out or get_task("phantom").raw_dir
+    start = time.perf_counter()
+    written = write_dataset(out, args.cases, args.seed, args.layout, args.val_cases, overwrite=args.force)
+    seconds = time.perf_counter() - start
+    n_val = _check_args(args.cases, args.seed, args.layout, args.val_cases)
+    print(_summary(out, args.layout, case_files(out, args.layout, args.cases, n_val), written, seconds))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 
 import numpy as np
 from tqdm import tqdm
 
 from data.dataset import check_pair
-from utils.io import ConfigError, DataError, read_list, read_nifti, save_npy, write_json, write_list
+from utils.io import ConfigError, DataError, cli_main, read_list, read_nifti, save_npy, write_json, write_list
 from utils.task import get_task
 
 NII = ".nii.gz"
@@ -323,14 +322,10 @@ def format_summary(s):
     return "\n".join(lines)
 
 
+@cli_main
 def run_cli(preprocess, doc, default_task, argv=None):
     """Parse flags, run ``preprocess``; DataError/ConfigError -> ``error: ...`` on stderr and exit code 2."""
     args = build_parser(doc, default_task).parse_args(argv)
-    try:
-        summary = preprocess(args.task, raw_dir=args.raw, out_dir=args.out, seed=args.seed, ratios=args.ratios,
-                             force=args.force)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = preprocess(args.task, raw_dir=args.raw, out_dir=args.out, seed=args.seed, ratios=args.ratios,
+                         force=args.force)
     print(format_summary(summary))
-    return 0

@@ -48,7 +48,7 @@ def _coverage(size, patch, starts):
 
 def prepare_net(net, device):
     """Move ``net`` (in place) to ``device`` in eval mode (channels-last-3d on CPU: outputs equal to ~3e-8)."""
-    return place_module(net, device).eval()
+    return place_module(net, device, channels_last=True).eval()
 
 
 def _check_inputs(nets, image, patch_size, stride_xy, stride_z, num_classes, sw_batch_size):

@@ -4,8 +4,10 @@ Every output is written to a temporary name in the destination folder and ``os.r
 process never leaves a half-written file under the final name.
 """
 import contextlib
+import functools
 import json
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -104,3 +106,17 @@ def log_root():
 def exp_dir(exp):
     """``logs/<exp>``: train.log, run.json, ckpts/, tensorboard/, predictions_<cps>/ of one run."""
     return os.path.join(log_root(), exp)
+
+
+def cli_main(func):
+    """Decorate a command-line ``main``: a DataError/ConfigError becomes one ``error: <message>`` line on stderr
+    and exit code 2 (no traceback); other exceptions are bugs and keep theirs. Returns 0 on success."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            code = func(*args, **kwargs)
+        except (DataError, ConfigError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0 if code is None else code
+    return wrapper
