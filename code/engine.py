@@ -189,6 +189,13 @@ def make_optimizers(method, base_lr):
             for name, net in method.nets.items()}
 
 
+class _NullWriter:
+    """TensorBoard stand-in for processes that do not write files."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -205,14 +212,18 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
         self.start_epoch, self.best_dice, self.best_epoch = 0, 0.0, 0
         self.nonfinite_total = 0
-        self.writer = None
+        self.writer, self.writes_files = None, False
 
     # -- files
     def _ckpt(self, name):
         return os.path.join(self.folder, "ckpts", name)
 
+    def _save(self, name, obj):
+        if self.writes_files:
+            torch_save(self._ckpt(name), obj)
+
     def save_last(self, epoch):
-        torch_save(self._ckpt("last.pth"), {
+        self._save("last.pth", {
             "epoch": epoch, "best_dice": self.best_dice, "best_epoch": self.best_epoch,
             "nets": {k: n.state_dict() for k, n in self.method.nets.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
@@ -238,10 +249,14 @@ class Trainer:
                  self.best_dice, self.best_epoch)
 
     def _open_outputs(self):
-        os.makedirs(os.path.join(self.folder, "ckpts"), exist_ok=True)
-        setup_logging(self.folder)
+        """Log file, TensorBoard and checkpoints are written by the main process only (DDP-ready)."""
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(os.path.join(self.folder, "tensorboard"))
+        self.writes_files = is_main_process()
+        if self.writes_files:
+            os.makedirs(os.path.join(self.folder, "ckpts"), exist_ok=True)
+        setup_logging(self.folder if self.writes_files else None)
+        self.writer = (SummaryWriter(os.path.join(self.folder, "tensorboard")) if self.writes_files
+                       else _NullWriter())
 
     # -- training
     def train_epoch(self, epoch, lr, unsup_w):
@@ -306,7 +321,7 @@ class Trainer:
         self.writer.add_scalar("val_dice/mean", mean, epoch)
         if mean > self.best_dice:  # strictly greater, as the original
             self.best_dice, self.best_epoch = mean, epoch
-            torch_save(self._ckpt("best_model.pth"), self.method.best_checkpoint())
+            self._save("best_model.pth", self.method.best_checkpoint())
         log.info("validation epoch %d: mean dice %.4f (best %.4f at epoch %d) | %s", epoch, mean, self.best_dice,
                  self.best_epoch, " ".join(f"{n} {v:.3f}" for n, v in zip(names, per_class)))
         stop = self.method.early_stop and epoch - self.best_epoch == cfg.task.early_stop_patience
@@ -317,7 +332,8 @@ class Trainer:
     def fit(self):
         cfg = self.cfg
         self._open_outputs()
-        write_run_json(cfg, self.method, self.folder)
+        if self.writes_files:
+            write_run_json(cfg, self.method, self.folder)
         if cfg.resume:
             self.resume()
         else:

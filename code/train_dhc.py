@@ -134,7 +134,9 @@ class DHC(Method):
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}  # (E3)
 
     def on_epoch_end(self, epoch):
-        return {"class_weights/A": self.w_a, "class_weights/B": self.w_b}  # the last iteration's weights
+        """The last iteration's class weights, and how many CE terms had all-zero target weights so far (Q30)."""
+        zero = sum(loss.zero_weight_batches for loss in (self.sup_a.ce, self.sup_b.ce, self.cps_a, self.cps_b))
+        return {"class_weights/A": self.w_a, "class_weights/B": self.w_b, "zero_weight_ce_terms": zero}
 
     def state_dict(self):
         return {**super().state_dict(), "diff_dw": self.diff_dw.state_dict(), "dist_dw": self.dist_dw.state_dict(),

@@ -198,7 +198,7 @@ def test_runs_as_script_from_repo_root(tmp_path):
 
 @pytest.mark.parametrize("speed,patch,expected", [
     (0, (64, 128, 128), (32, 16)), (1, (64, 128, 128), (64, 16)), (2, (64, 128, 128), (128, 32)),
-    (2, (32, 64, 64), (64, 32)),  # phantom patch: xy 128 would leave gaps, capped to 64
+    (2, (32, 64, 64), (64, 32)),  # a CPU-sized patch: xy 128 would leave gaps, capped to 64
     (1, (16, 32, 32), (32, 16)),
 ])
 def test_strides_for_speed(speed, patch, expected):

@@ -43,7 +43,9 @@ def build_parser(method_cls):
     p.add_argument("--cps_loss", default="wce")
     p.add_argument("--sup_loss", default="w_ce+dice")
     p.add_argument("--batch_size", type=int, default=d.get("batch_size", 2))
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="loader workers (default: 2 with CUDA as the original; 0 on CPU, where the in-memory "
+                        "crops are cheap and workers would compete with the training threads)")
     p.add_argument("--base_lr", type=float, default=d.get("base_lr", 1e-3))
     p.add_argument("-w", "--cps_w", type=float, default=d.get("cps_w", 1.0), help="unsupervised weight w")
     p.add_argument("-r", "--cps_rampup", action=argparse.BooleanOptionalAction, default=d.get("cps_rampup", False),
@@ -94,6 +96,7 @@ def resolve_config(method_cls, args):
     v.update(task=task, method=name, exp=exp, split_unlabeled=split_unlabeled, patch_size=patch,
              max_epoch=max_epoch, device=device, amp=amp, num_cls=task.num_cls,
              n_filters=args.n_filters or task.n_filters, eval_every=args.eval_every or task.eval_every,
+             num_workers=(2 if device.type == "cuda" else 0) if args.num_workers is None else args.num_workers,
              rampup_length=(args.consistency_rampup or max_epoch) if args.cps_rampup else None)
     return RunConfig(**v)
 
