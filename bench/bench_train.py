@@ -2,8 +2,8 @@
 four losses, backward, two SGD steps), and the cost of the per-iteration class statistics kept on the device
 (torch.bincount / scatter) versus a numpy round trip.
 
-CPU: phantom size (F = 8, 32x64x64) and a tiny size. CUDA (when present): the paper size, two 32-filter VNets on
-64x128x128 patches with AMP.   Usage: python bench/bench_train.py [--iters 5]
+CPU: the phantom size (F = 8, 16x48x48), a tiny and a larger size. CUDA (when present): the paper size, two
+32-filter VNets on 64x128x128 patches, with AMP and in fp32.   Usage: python bench/bench_train.py [--iters 5]
 """
 import argparse
 import os
@@ -86,8 +86,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
     for device in devices:
-        configs = ([(4, (16, 32, 32), False), (8, (32, 64, 64), False)] if device.type == "cpu"
-                   else [(32, (64, 128, 128), True), (32, (64, 128, 128), False)])
+        configs = ([(4, (16, 32, 32), False), (8, (16, 48, 48), False), (8, (32, 64, 64), False)]
+                   if device.type == "cpu" else [(32, (64, 128, 128), True), (32, (64, 128, 128), False)])
         for n_filters, patch, amp in configs:
             sec, peak = bench_step(device, n_filters, patch, args.iters, amp)
             print(f"{device.type:4s} DHC step F={n_filters:2d} patch {patch} 2+2 {'AMP ' if amp else 'fp32'}: "
