@@ -210,7 +210,8 @@ class Trainer:
             place_module(module, cfg.device)
         self.optimizers = make_optimizers(self.method, cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
-        self.start_epoch, self.best_dice, self.best_epoch = 0, 0.0, 0
+        # -1, not the original's 0: an all-zero first validation still writes best_model.pth (test.py needs it)
+        self.start_epoch, self.best_dice, self.best_epoch = 0, -1.0, 0
         self.nonfinite_total = 0
         self.writer, self.writes_files = None, False
 
