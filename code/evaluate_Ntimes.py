@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from data.transforms import halve_inplane_label, prepare_label
+from data.transforms import halve_inplane_label, prepare_label, resize_label
 from utils.io import ConfigError, DataError, cli_main, exp_dir, read_list, read_nifti, write_json, write_text
 from utils.metrics import BOTH_EMPTY_MODES, N_GT, N_PRED, class_stats, paper_values, standard_values
 from utils.task import get_task
@@ -81,16 +81,6 @@ def to_label_map(array, path, num_cls):
     return array.astype(np.uint8 if num_cls <= 256 else np.int64, copy=False)
 
 
-def resize_label_nearest(label, shape):
-    """Nearest resize as the original (``F.interpolate(mode='nearest')`` on a float tensor)."""
-    if tuple(label.shape) == tuple(shape):
-        return label
-    import torch
-    import torch.nn.functional as F
-    t = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
-    return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy().astype(label.dtype)
-
-
 def load_gt(task, case_id, mode):
     """(label map on the evaluation grid, source path). raw: the original's resize per task (§5);
     npy: the preprocessed label through the training pipeline (prepare_label)."""
@@ -103,7 +93,7 @@ def load_gt(task, case_id, mode):
         if task.inplane_halving:
             label = halve_inplane_label(label)
         if task.fixed_grid is not None:  # Q48: the predictions' grid, not the original's (72,144,144)
-            label = resize_label_nearest(label, task.fixed_grid)
+            label = resize_label(label, task.fixed_grid)
         return label, raw
     path = npy_label_path(task, case_id)
     if not os.path.isfile(path):

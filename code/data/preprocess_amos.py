@@ -15,11 +15,10 @@ if __name__ == "__main__":  # run as `python code/data/preprocess_amos.py`: make
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from data.preprocess_common import (geometry_meta, head_tail, load_case, pair_cases, permuted, require_folder,
                                     resolve_task, run_cli, run_preprocessing)
+from data.transforms import resize_image, resize_label
 from utils.io import DataError
 
 SUBSETS = ("Tr", "Va")  # imagesTr/labelsTr -> train + eval, imagesVa/labelsVa -> test
@@ -50,23 +49,12 @@ def amos_splits(tr_ids, va_ids, test, seed):
     return {"train": train, "eval": evals, "test": sorted(test)}, rule
 
 
-def resize_image(image, grid):
-    """Trilinear (align_corners=False) resize of a (D, H, W) volume to ``grid``, float32 (F.interpolate)."""
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(grid), mode="trilinear", align_corners=False)[0, 0].numpy()
-
-
-def resize_label(label, grid):
-    """Nearest-neighbour resize of a (D, H, W) label volume to ``grid``, uint8 (Q19; the original: float32)."""
-    t = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=tuple(grid), mode="nearest")[0, 0].numpy().astype(np.uint8)
-
-
 def convert_case(case, task):
     """(float32 image, uint8 label, meta) on task.fixed_grid; meta geometry is the source image's."""
     image, label, itk = load_case(case, task.num_cls)
     image = resize_image(image, task.fixed_grid)
-    return image, resize_label(label, task.fixed_grid), geometry_meta(itk, image.shape, case.image)
+    label = resize_label(label, task.fixed_grid).astype(np.uint8)  # stored as uint8 (Q19; the original: float32)
+    return image, label, geometry_meta(itk, image.shape, case.image)
 
 
 def preprocess(task="amos", raw_dir=None, out_dir=None, seed=None, ratios=None, force=False, progress=True):

@@ -20,6 +20,22 @@ def normalize_intensity(image, window=(-75.0, 275.0)):
     return ((image - vmin) / (vmax - vmin)).astype(np.float32, copy=False)
 
 
+def resize_image(image, shape):
+    """Trilinear (align_corners=False) resize of a (D, H, W) volume to ``shape``, float32 (F.interpolate)."""
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def resize_label(label, shape):
+    """Nearest resize of a (D, H, W) label volume to ``shape`` as the original (F.interpolate 'nearest' on a float
+    tensor), keeping the dtype; a volume already of that shape is returned as it is."""
+    label = np.asarray(label)
+    if tuple(label.shape) == tuple(shape):
+        return label
+    t = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
+    return F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy().astype(label.dtype)
+
+
 def halve_inplane_image(image):
     """Trilinear resize (align_corners=False) of a (D, H, W) volume to (D, H//2, W//2), float32.
 
@@ -28,8 +44,7 @@ def halve_inplane_image(image):
     d, h, w = image.shape
     if h % 2 == 0 and w % 2 == 0:
         return image.reshape(d, h // 2, 2, w // 2, 2).mean(axis=(2, 4), dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    return F.interpolate(t, size=(d, h // 2, w // 2), mode="trilinear", align_corners=False)[0, 0].numpy()
+    return resize_image(image, (d, h // 2, w // 2))
 
 
 def halve_inplane_label(label):
@@ -40,9 +55,7 @@ def halve_inplane_label(label):
     d, h, w = label.shape
     if h % 2 == 0 and w % 2 == 0:
         return np.ascontiguousarray(label[:, ::2, ::2])
-    t = torch.from_numpy(np.ascontiguousarray(label).astype(np.float32))[None, None]
-    out = F.interpolate(t, size=(d, h // 2, w // 2), mode="nearest")[0, 0].numpy()
-    return out.astype(label.dtype)
+    return resize_label(label, (d, h // 2, w // 2))
 
 
 def prepare_image(image, task):
