@@ -47,10 +47,20 @@ class Method:
     bare_checkpoint = False   # best_model.pth = one bare state_dict instead of {name: state_dict}
     defaults = {}             # CLI default overrides for this method (e.g. base_lr, cps_w)
 
+    has_dropout = True        # the original trains every VNet with Dropout3d on
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.nets = {}  # trained networks, one SGD each; their names are the checkpoint keys
         self.aux = {}   # untrained modules the method owns (EMA teachers): moved to the device, saved in last.pth
+
+    def build_net(self, **overrides):
+        """A fresh ``self.network`` for this task and width (PyTorch default init), built through
+        ``models.build_network`` so ``run.json`` records what was trained; ``overrides`` go to the builder."""
+        from models import build_network
+        cfg = self.cfg
+        kwargs = {"has_dropout": self.has_dropout, **overrides}
+        return build_network(self.network, cfg.task.num_channels, cfg.num_cls, cfg.n_filters, **kwargs)
 
     @classmethod
     def add_args(cls, parser):

@@ -8,10 +8,9 @@ DiffDW compares consecutive, different batches and starts from Dprev = ε (Q32);
 """
 import torch
 
-from engine import Method, run
-from models.vnet import VNet
-from utils.init import kaiming_normal_init_weight
-from utils.loss import hard_dice, make_loss_function
+from cotraining import CoTraining
+from engine import run
+from utils.loss import hard_dice
 from utils.ramps import ema
 
 EPS = 1e-8
@@ -99,20 +98,16 @@ class DiffDW:
             setattr(self, key, value)
 
 
-class DHC(Method):
+class DHC(CoTraining):
     """DHC: CPS co-training of two VNets, A weighted by DiffDW and B by DistDW."""
     name = "dhc"
     defaults = {"base_lr": 3e-2, "cps_w": 0.1, "cps_rampup": True}  # README values (Q4, Q5)
+    init_a = init_b = "kaiming"  # DHC re-initialises both nets with kaiming (CPS: xavier for B)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        make = lambda: VNet(cfg.task.num_channels, cfg.num_cls, cfg.n_filters, "batchnorm", has_dropout=True)
-        model_a, model_b = make(), make()  # both constructed, then both re-initialised (§3, Q38)
-        self.nets = {"A": kaiming_normal_init_weight(model_a), "B": kaiming_normal_init_weight(model_b)}
         self.diff_dw = DiffDW(cfg.num_cls, accumulate_iters=50)
         self.dist_dw = DistDW(cfg.num_cls, momentum=0.99)
-        self.sup_a, self.sup_b = make_loss_function(cfg.sup_loss), make_loss_function(cfg.sup_loss)
-        self.cps_a, self.cps_b = make_loss_function(cfg.cps_loss), make_loss_function(cfg.cps_loss)
         self.w_a = self.w_b = None
 
     def on_train_start(self, labeled_ds):
@@ -120,23 +115,16 @@ class DHC(Method):
         self.w_b = self.dist_dw.init_weights(labeled_ds)
 
     def training_step(self, x_l, y_l, x_u, step):
-        x = torch.cat([x_l, x_u])
-        n = x.shape[0] // 2                                        # labeled first (§6 step 1)
-        logits_a, logits_b = self.nets["A"](x), self.nets["B"](x)  # [2n, C, D, H, W]
-        pseudo_a, pseudo_b = logits_a.detach().argmax(1), logits_b.detach().argmax(1)  # whole batch (step 4)
+        logits_a, logits_b, n = self.forward_both(x_l, x_u)                # labeled first (§6 step 1)
         self.w_a = self.diff_dw.cal_weights(logits_a[:n].detach(), y_l)   # step 5: A's labeled half vs GT
         self.w_b = self.dist_dw.get_ema_weights(logits_b[n:].detach())     # step 6: B's own unlabeled half
-        for loss, w in ((self.sup_a, self.w_a), (self.cps_a, self.w_a), (self.sup_b, self.w_b),
-                        (self.cps_b, self.w_b)):
-            loss.update_weight(w)
-        loss_sup = self.sup_a(logits_a[:n], y_l) + self.sup_b(logits_b[:n], y_l)                 # (E1)
-        loss_cps = self.cps_a(logits_a, pseudo_b.unsqueeze(1)) + self.cps_b(logits_b, pseudo_a.unsqueeze(1))  # (E2)
+        loss_sup, loss_cps = self.cps_pair(logits_a, logits_b, y_l, n, self.w_a, self.w_b)  # (E1), (E2)
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}  # (E3)
 
     def on_epoch_end(self, epoch):
         """The last iteration's class weights, and how many CE terms had all-zero target weights so far (Q30)."""
-        zero = sum(loss.zero_weight_batches for loss in (self.sup_a.ce, self.sup_b.ce, self.cps_a, self.cps_b))
-        return {"class_weights/A": self.w_a, "class_weights/B": self.w_b, "zero_weight_ce_terms": zero}
+        return {"class_weights/A": self.w_a, "class_weights/B": self.w_b,
+                "zero_weight_ce_terms": self.zero_weight_ce_terms()}
 
     def state_dict(self):
         return {**super().state_dict(), "diff_dw": self.diff_dw.state_dict(), "dist_dw": self.dist_dw.state_dict(),

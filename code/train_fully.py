@@ -6,7 +6,6 @@ batch 4; no early stopping; ``best_model.pth`` is the bare state dict. Accepts t
 (``-w -r -su`` are ignored), so ``train3times_seeds_*.sh -m fully`` works (Q13).
 """
 from engine import Method, run
-from models.vnet import VNet
 from utils.loss import DC_and_CE_loss
 
 
@@ -20,8 +19,7 @@ class Fully(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.nets = {"model": VNet(cfg.task.num_channels, cfg.num_cls, cfg.n_filters, "batchnorm",
-                                   has_dropout=True)}
+        self.nets = {"model": self.build_net()}  # PyTorch default init
         self.loss = DC_and_CE_loss()  # unweighted CE + (-Dice), foreground only, smooth 1
 
     def training_step(self, x_l, y_l, x_u, step):
