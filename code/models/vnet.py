@@ -90,6 +90,10 @@ class VNet(nn.Module):
         self.dropout = nn.Dropout3d(p=0.5, inplace=False)
 
     def forward(self, image, turnoff_drop=False):
+        return self.out_conv(self.features(image, turnoff_drop))
+
+    def features(self, image, turnoff_drop=False):
+        """The ``block_nine`` output after dropout, [B, n_filters, D, H, W]: what ``out_conv`` classifies."""
         drop = self.has_dropout and not turnoff_drop
         names = [name for name, _, _ in _STAGES]
         skips, x = [], image
@@ -104,4 +108,4 @@ class VNet(nn.Module):
             x = getattr(self, f"block_{name}")(getattr(self, f"block_{prev}_up")(x) + skip)
         if drop:
             x = self.dropout(x)
-        return self.out_conv(x)
+        return x
