@@ -113,7 +113,7 @@ def write_dataset(out_dir, n_cases=20, seed=0, layout="synapse", n_val=None, ove
     _remove_stale(existing - expected, old is not None)
     write_json(os.path.join(out_dir, MANIFEST), {**params, "complete": False})
     written = []
-    for cid, image_path, label_path, number in tqdm(files, desc="phantom", disable=not progress):
+    for cid, image_path, label_path, number in tqdm(files, desc="phantom", disable=None if progress else True):
         if same and not overwrite and os.path.isfile(image_path) and os.path.isfile(label_path):
             continue  # finished by an interrupted run with the same parameters: deterministic, keep it
         image, label, geo = _build_case(number, seed, layout, shape)

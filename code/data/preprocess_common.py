@@ -273,7 +273,8 @@ def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, r
     check_splits(splits, ids, splits_dir, raw_dir)
     todo = [c for c in cases if force or not all(map(os.path.isfile, npy_files(npy_dir, c.id).values()))]
     with staging_folder(out_dir) as stage:
-        with tqdm(todo, desc=f"{task.name} cases", unit="case", disable=not progress or not todo) as bar:
+        with tqdm(todo, desc=f"{task.name} cases", unit="case",
+                  disable=True if not progress or not todo else None) as bar:  # None: no bar when not a TTY
             for case in bar:
                 image, label, meta = convert(case)
                 files = npy_files(os.path.join(stage, "npy"), case.id)
