@@ -1,8 +1,12 @@
 """Networks with the original's module names, so released checkpoints load with strict=True."""
+from models.unet_ds import unet_3D_ds
 from models.vnet import VNet
+from models.vnet_dst import VNet_Decoupled
 from utils.io import ConfigError
 
 NETWORKS = {"VNet": VNet}
+NETWORKS["unet_3D_ds"] = unet_3D_ds  # URPC
+NETWORKS["VNet_Decoupled"] = VNet_Decoupled  # DST
 
 
 def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False):
