@@ -31,6 +31,7 @@ log = logging.getLogger("test")
 EXP_NAME_RULES = (("fully", "VNet"), ("dst", "VNet_Decoupled"), ("urpc", "unet_3D_ds"), ("uamt", "VNet"),
                   ("acisis", "VNet"), ("ssnet", "VNet4SSNet"), ("unetrpp", "UNETR_PP"))
 DEFAULT_NETWORK = "VNet"
+FIXED_N_FILTERS = {"unet_3D_ds": 16}  # the original builds URPC's U-Net at 16 filters on every task
 
 
 def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False):
@@ -65,7 +66,8 @@ def read_run_config(task, exp):
     if not os.path.isfile(path):
         name = next((n for key, n in EXP_NAME_RULES if key in exp), DEFAULT_NETWORK)
         log.info("no run.json in %s: network %s chosen from the experiment name", exp_dir(exp), name)
-        return dict(net, name=name), None, tuple(task.patch_size)
+        return dict(net, name=name, n_filters=FIXED_N_FILTERS.get(name, task.n_filters)), None, \
+               tuple(task.patch_size)
     try:
         with open(path) as f:
             run = json.load(f)

@@ -169,3 +169,9 @@ def test_trained_run_goes_through_test_py(tiny_data):
     expected = sliding_window_predict([net.eval()], image, (16, 32, 32), 32, 16, 14, return_probs=False)[0]
     np.testing.assert_array_equal(pred, expected)
     assert math.prod(pred.shape) > 0
+
+
+def test_released_checkpoint_without_run_json_gets_the_originals_width(tmp_path, monkeypatch):
+    monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path))
+    spec, keys, _ = load_test_cli().read_run_config(get_task("synapse"), "Task_synapse_20p/urpc/fold1")
+    assert spec["name"] == "unet_3D_ds" and spec["n_filters"] == 16 and keys is None  # not the VNet's 32
