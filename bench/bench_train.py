@@ -1,24 +1,42 @@
-"""DHC training speed and peak memory: iterations/s of the full step (two VNets, 2+2 patches, both weightings,
-four losses, backward, two SGD steps), and the cost of the per-iteration class statistics kept on the device
-(torch.bincount / scatter) versus a numpy round trip.
+"""Training speed and peak memory of every method: one full iteration (2 labeled + 2 unlabeled patches, forward,
+losses, backward, optimiser steps, method updates), side by side with DHC, plus the cost of DHC's per-iteration
+class statistics kept on the device (torch.bincount) versus a numpy round trip.
 
-CPU: the phantom size (F = 8, 16x48x48), a tiny and a larger size. CUDA (when present): the paper size, two
-32-filter VNets on 64x128x128 patches, with AMP and in fp32.   Usage: python bench/bench_train.py [--iters 5]
+Each method runs in its own process, so its peak memory is its own. CPU: a tiny size (F = 4, 16x32x32) and the
+phantom size (F = 8, 16x48x48). CUDA (when present): the paper size, 32 filters on 64x128x128 patches, AMP.
+Usage: python bench/bench_train.py [--iters 5] [--methods dhc cps ...] [--cuda-fp32]
 """
 import argparse
+import glob
+import importlib
+import inspect
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "code")]
-from engine import Step, make_optimizers, optimize_step  # noqa: E402
-from train_dhc import DHC, DistDW  # noqa: E402
+CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "code")
+sys.path[:0] = [CODE]
+from engine import Method, Step, make_optimizers, optimize_step  # noqa: E402
+from train_dhc import DistDW  # noqa: E402
 from utils.runinfo import build_parser, resolve_config  # noqa: E402
+
+
+def all_methods():
+    return sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(CODE, "train_*.py")))
+
+
+def method_class(name):
+    module = importlib.import_module(f"train_{name}")
+    (cls,) = [c for _, c in inspect.getmembers(module, inspect.isclass)
+              if issubclass(c, Method) and c.__module__ == module.__name__]
+    return cls
 
 
 def sync(device):
@@ -26,19 +44,39 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_step(device, n_filters, patch, iters, amp):
+class StoredLabels:
+    """Stand-in for the labeled dataset a method sees in ``on_train_start``: random full-size label volumes."""
+
+    def __init__(self, num_cls, n=4, shape=(32, 96, 96)):
+        rng = np.random.default_rng(0)
+        self.ids = [f"{i:04d}" for i in range(n)]
+        self.num_cls = num_cls
+        self._labels = [rng.integers(0, num_cls, size=shape).astype(np.int8) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def iter_stored_labels(self):
+        return iter(self._labels)
+
+
+def bench_step(name, device, n_filters, patch, iters, amp):
+    """Median seconds per iteration and peak memory (bytes) of one method's full training iteration."""
+    cls = method_class(name)
     argv = ["--task", "phantom", "--device", str(device), "--n_filters", str(n_filters),
-            "--patch_size", *map(str, patch), "--amp" if amp else "--no-amp"]
-    cfg = resolve_config(DHC, build_parser(DHC).parse_args(argv))
+            "--patch_size", *map(str, patch), "--amp" if amp else "--no-amp", "-ep", "100"]
+    cfg = resolve_config(cls, build_parser(cls).parse_args(argv))
     torch.manual_seed(0)
-    method = DHC(cfg)
-    for net in method.nets.values():
-        net.to(device).train()
-    rng = np.random.default_rng(0)
-    method.on_train_start([rng.integers(0, cfg.num_cls, size=(8, 64, 64))])
+    method = cls(cfg)
+    for module in (*method.nets.values(), *method.aux.values()):
+        module.to(device).train()
+    method.on_train_start(StoredLabels(cfg.num_cls))
     optimizers, scaler = make_optimizers(method, cfg.base_lr), torch.amp.GradScaler(device.type, enabled=amp)
-    x_l, x_u = (torch.rand(2, 1, *patch, device=device) for _ in range(2))
-    y_l = torch.randint(0, cfg.num_cls, (2, 1, *patch), device=device)
+    n = cfg.batch_size
+    x_l, x_u = (torch.rand(n, 1, *patch, device=device) for _ in range(2))
+    y_l = torch.randint(0, cfg.num_cls, (n, 1, *patch), device=device)
+    if not cls.uses_unlabeled:
+        x_u = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -50,7 +88,33 @@ def bench_step(device, n_filters, patch, iters, amp):
         times.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return statistics.median(times[2:]), peak
+    params = sum(p.numel() for net in method.nets.values() for p in net.parameters())
+    return {"sec": statistics.median(times[2:]), "peak": peak, "params": params}
+
+
+def run_isolated(name, device, n_filters, patch, iters, amp):
+    """``bench_step`` in a fresh process (its own peak RSS); None if the method failed there."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--device", device, "--n_filters",
+           str(n_filters), "--patch", *map(str, patch), "--iters", str(iters)] + (["--amp"] if amp else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  {name}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_rows(device, n_filters, patch, iters, amp, methods):
+    print(f"\n{device} F={n_filters} patch {tuple(patch)} {'AMP' if amp else 'fp32'}, batch 2+2 "
+          f"(fully: 4 labeled), median of {iters}:")
+    print(f"  {'method':12s} {'ms/it':>9s} {'vs dhc':>7s} {'peak ' + ('GPU' if device == 'cuda' else 'RSS'):>10s}"
+          f" {'params':>12s}")
+    rows = {m: run_isolated(m, device, n_filters, patch, iters, amp) for m in methods}
+    base = rows.get("dhc")
+    for m, r in rows.items():
+        if r is None:
+            continue
+        ratio = f"{r['sec'] / base['sec']:6.2f}x" if base else "     -"
+        print(f"  {m:12s} {r['sec'] * 1000:9.1f} {ratio:>7s} {r['peak'] / 2**30:8.2f} GiB {r['params']:12,d}")
 
 
 def numpy_distdw_update(dist, logits):
@@ -81,18 +145,28 @@ def bench_stats(device, num_cls, patch, reps=20):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every code/train_<m>.py")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--n_filters", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--patch", type=int, nargs=3, default=(16, 32, 32), help=argparse.SUPPRESS)
+    parser.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.one:  # child process: one method, one configuration, a JSON line
+        print(json.dumps(bench_step(args.one, torch.device(args.device), args.n_filters, tuple(args.patch),
+                                    args.iters, args.amp)))
+        return
+    methods = args.methods or all_methods()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
-    for device in devices:
-        configs = ([(4, (16, 32, 32), False), (8, (16, 48, 48), False), (8, (32, 64, 64), False)]
-                   if device.type == "cpu" else [(32, (64, 128, 128), True), (32, (64, 128, 128), False)])
-        for n_filters, patch, amp in configs:
-            sec, peak = bench_step(device, n_filters, patch, args.iters, amp)
-            print(f"{device.type:4s} DHC step F={n_filters:2d} patch {patch} 2+2 {'AMP ' if amp else 'fp32'}: "
-                  f"{1 / sec:7.2f} it/s ({sec * 1000:8.1f} ms), peak {'GPU' if device.type == 'cuda' else 'RSS'} "
-                  f"{peak / 2**30:.2f} GiB")
+    for n_filters, patch in ((4, (16, 32, 32)), (8, (16, 48, 48))):
+        print_rows("cpu", n_filters, patch, args.iters, False, methods)
+    if torch.cuda.is_available():
+        print_rows("cuda", 32, (64, 128, 128), args.iters, True, methods)
+    else:
+        print("\ncuda paper size (F=32, 64x128x128, AMP): unmeasured, no CUDA device here")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        device = torch.device(device)
         patch = (64, 128, 128)
         ours, naive = bench_stats(device, 14, patch)
         print(f"{device.type:4s} DistDW update on 2x14x{patch}: device {ours * 1000:.2f} ms vs numpy round trip "

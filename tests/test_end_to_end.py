@@ -1,17 +1,19 @@
-"""The whole pipeline on a tiny phantom through the three-seed script: phantom -> preprocess -> train (1 seed,
-2 epochs) -> test -> evaluate -> paper table. Asserts the files each step must produce and their contents."""
+"""The whole pipeline on a tiny phantom through the three-seed script: phantom -> preprocess -> train -> test ->
+evaluate -> paper table, for DHC with two seeds in full detail and for every other method with one seed.
+Asserts the files each step must produce and their contents."""
 import json
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
+from conftest import METHODS, REPO
 from data.phantom import write_dataset
 from data.preprocess import preprocess
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_methods_common import EXTRA_FLAGS
 
 
 def test_phantom_pipeline_end_to_end(tmp_path, monkeypatch):
@@ -56,3 +58,39 @@ def test_phantom_pipeline_end_to_end(tmp_path, monkeypatch):
     assert table.returncode == 0, table.stderr
     assert "| dhc_tiny |" in (tmp_path / "table.md").read_text()
     assert (tmp_path / "table.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom(tmp_path_factory):
+    """One tiny preprocessed phantom shared by the per-method pipeline runs (each writes its own run folder)."""
+    root = tmp_path_factory.mktemp("phantom")
+    env = dict(os.environ, DHC_PHANTOM_RAW=str(root / "raw"), DHC_PHANTOM_DATA=str(root / "data"),
+               DHC_LOG_ROOT=str(root / "logs"), PYTHON=sys.executable, SEEDS="0",
+               PYTHONPATH=os.pathsep.join([os.path.join(REPO, "code"), REPO]))
+    code = ("from data.phantom import write_dataset; from data.preprocess import preprocess; "
+            f"write_dataset({str(root / 'raw')!r}, n_cases=10, seed=0, shape=(24, 64, 64), progress=False); "
+            "preprocess('phantom', progress=False)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, env
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "dhc"])
+def test_three_seed_script_runs_every_method(method, tiny_phantom):
+    """``train3times_seeds_20p.sh -m <method>`` (one fold, one epoch): train -> test -> evaluate, for each method."""
+    root, env = tiny_phantom
+    train_flags = ["-ep", "1", "--n_filters", "4", "--patch_size", "16", "32", "32", "--num_workers", "0",
+                   *EXTRA_FLAGS.get(method, [])]
+    out = subprocess.run(["bash", os.path.join(REPO, "train3times_seeds_20p.sh"), "-c", "0", "-t", "phantom",
+                          "-m", method, "-e", "", "-l", "3e-2", "-w", "0.1", "--", *train_flags],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = root / "logs" / "Task_phantom_20p" / method
+    run = json.loads((exp / "fold1" / "run.json").read_text())
+    assert run["method"] == method and run["args"]["max_epoch"] == 1
+    test_ids = (root / "data" / "splits" / "test.txt").read_text().split()
+    preds = sorted(os.listdir(exp / "fold1" / "predictions_AB"))
+    assert preds == sorted(f"{case}.nii.gz" for case in test_ids)
+    text = (exp / "evaluation_res.txt").read_text()
+    dice = float(text.split("Final Avg Dice: ")[1].split("±")[0])
+    assert 0 <= dice <= 100 and text.count("===== Case-") == len(test_ids)
