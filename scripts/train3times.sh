@@ -22,6 +22,7 @@ read -r -a seeds <<< "${SEEDS:-0 1 666}"
 fold=0
 for seed in "${seeds[@]}"; do
   fold=$((fold + 1))
+  echo "== ${method} on ${task}, ${ratio} % labels: fold ${fold} of ${#seeds[@]} (seed ${seed}): train, then test"
   "$PY" code/train_"${method}".py --task "$task" --exp "$exp/fold$fold" --seed "$seed" -g "$gpu" "${lr[@]}" \
     "${weight[@]}" -sl "labeled_${ratio}p" -su "unlabeled_${ratio}p" -r "$@"
   "$PY" code/test.py --task "$task" --exp "$exp/fold$fold" -g "$gpu" --cps AB
