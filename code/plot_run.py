@@ -83,6 +83,7 @@ def read_tensorboard(run):
     if not glob.glob(os.path.join(folder, "events.out.tfevents.*")):
         return None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # no "No path found after ..." notes
     acc = EventAccumulator(folder, size_guidance={"scalars": 0})
     acc.Reload()
     curves = {"val": {}, "loss": {}}
@@ -146,7 +147,7 @@ def plot_curves(runs, path):
         organs = [k for k in curves["val"] if k != "mean"]
         for i, organ in enumerate(organs):
             x, y = curves["val"][organ]
-            organ_handles[organ] = ax.plot(x, 100 * y, color=ORGAN_COLOURS[i % len(ORGAN_COLOURS)], lw=1.1,
+            organ_handles[organ] = ax.plot(x, 100 * y, color=ORGAN_COLOURS[i % len(ORGAN_COLOURS)], lw=1.1, marker=".",
                                            label=organ)[0]
         if "mean" in curves["val"]:
             x, y = curves["val"]["mean"]
