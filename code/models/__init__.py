@@ -2,11 +2,13 @@
 from models.unet_ds import unet_3D_ds
 from models.vnet import VNet
 from models.vnet_dst import VNet_Decoupled
+from models.vnet_ssnet import VNet4SSNet
 from utils.io import ConfigError
 
 NETWORKS = {"VNet": VNet}
 NETWORKS["unet_3D_ds"] = unet_3D_ds  # URPC
 NETWORKS["VNet_Decoupled"] = VNet_Decoupled  # DST
+NETWORKS["VNet4SSNet"] = VNet4SSNet  # SS-Net
 
 
 def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False):
