@@ -92,7 +92,8 @@ def read_tensorboard(run):
         if group in ("val_dice", "loss") and name:
             events = {e.step: e.value for e in acc.Scalars(tag)}  # last write of a step wins (resumed runs)
             steps = sorted(events)
-            curves["val" if group == "val_dice" else "loss"][name] = (np.array(steps), np.array([events[s] for s in steps]))
+            kind = "val" if group == "val_dice" else "loss"
+            curves[kind][name] = (np.array(steps), np.array([events[s] for s in steps]))
     return curves if curves["val"] or curves["loss"] else None
 
 
@@ -122,9 +123,13 @@ def read_train_log(run, class_names=None):
                             loss.setdefault(key, {})[epoch] = float(value)
                         except ValueError:
                             pass
-    as_arrays = lambda d: {k: (np.array(sorted(v)), np.array([v[e] for e in sorted(v)])) for k, v in d.items()}  # noqa: E731
-    curves = {"val": as_arrays(val), "loss": as_arrays(loss)}
+    curves = {"val": _as_arrays(val), "loss": _as_arrays(loss)}
     return curves if curves["val"] or curves["loss"] else None
+
+
+def _as_arrays(series):
+    """{name: {epoch: value}} -> {name: (epochs, values)} in epoch order."""
+    return {k: (np.array(sorted(v)), np.array([v[e] for e in sorted(v)])) for k, v in series.items()}
 
 
 def read_curves(run):
@@ -147,8 +152,8 @@ def plot_curves(runs, path):
         organs = [k for k in curves["val"] if k != "mean"]
         for i, organ in enumerate(organs):
             x, y = curves["val"][organ]
-            organ_handles[organ] = ax.plot(x, 100 * y, color=ORGAN_COLOURS[i % len(ORGAN_COLOURS)], lw=1.1, marker=".",
-                                           label=organ)[0]
+            organ_handles[organ] = ax.plot(x, 100 * y, color=ORGAN_COLOURS[i % len(ORGAN_COLOURS)], lw=1.1,
+                                           marker=".", label=organ)[0]
         if "mean" in curves["val"]:
             x, y = curves["val"]["mean"]
             organ_handles["mean"] = ax.plot(x, 100 * y, color="black", lw=2.4, label="mean")[0]
@@ -178,7 +183,8 @@ def plot_curves(runs, path):
 
 # ------------------------------------------------------------------------------------------------ overlay
 def _prediction_files(run, cps=None):
-    folders = [os.path.join(run, f"predictions_{cps}")] if cps else sorted(glob.glob(os.path.join(run, "predictions_*")))
+    folders = ([os.path.join(run, f"predictions_{cps}")] if cps
+               else sorted(glob.glob(os.path.join(run, "predictions_*"))))
     for folder in folders:
         files = sorted(glob.glob(os.path.join(folder, "*.nii.gz")))
         if files:
