@@ -128,9 +128,14 @@ def test_consistency_normalised_by_twice_the_certain_voxels():
     assert uamt_consistency_loss(s, t, uncertainty, 0.0).item() == 0.0  # nothing certain: 0, not NaN
 
 
+def small_batch():
+    """tiny_batch cropped to 16³ (the teacher runs five times per step): x_l, y_l [2, 1, 16, 16, 16], x_u."""
+    return tuple(t[..., :16, :16] for t in tiny_batch())
+
+
 def eval_step(method, epoch=0, unsup_w=0.1):
     method.student.eval()  # deterministic student (no dropout, running BN statistics)
-    x_l, y_l, x_u = tiny_batch()
+    x_l, y_l, x_u = small_batch()
     out = method.training_step(x_l, y_l, x_u, engine.Step(epoch, 0, 0, 0.01, unsup_w))
     return out, (x_l, y_l, x_u)
 
@@ -168,7 +173,7 @@ def test_teacher_is_not_trained_and_stays_in_train_mode():
     assert trained == {id(p) for p in method.student.parameters()}
     assert not any(p.requires_grad for p in method.teacher.parameters())
     cfg = method.cfg
-    x_l, y_l, x_u = tiny_batch()
+    x_l, y_l, x_u = small_batch()
     torch.manual_seed(0)
     out = engine.optimize_step(method, optimizers, torch.amp.GradScaler("cpu", enabled=False), cfg, x_l, y_l, x_u,
                                engine.Step(0, 0, 0, 0.01, 0.1))
