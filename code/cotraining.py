@@ -8,8 +8,11 @@ net over the labeled-first batch ``cat([x_l, x_u])``, detached hard pseudo-label
     L_sup = S_A(z_A[:n_l], y) + S_B(z_B[:n_l], y),   L_cps = C_A(z_A, ŷ_B) + C_B(z_B, ŷ_A)
 
 with optional per-net class weights pushed into both losses of a net (DHC, CReST, SimiS, CLS). A method file adds
-only its own state and its ``training_step``.
+only its own state and its ``training_step``. ``ClassWeightedCoTraining`` is the whole step for methods whose
+nets weight classes from the histogram of their own argmax (CLS, CReST, SimiS): they add only the weighting.
 """
+import copy
+
 import torch
 
 from engine import Method
@@ -61,3 +64,51 @@ class CoTraining(Method):
         """How many weighted CE terms so far had all-zero target weights and gave 0 instead of NaN (docs/methods.md)."""
         ce_terms = [getattr(loss, "ce", loss) for loss in (*self.sup_losses.values(), *self.cps_losses.values())]
         return sum(int(ce.zero_weight_batches) for ce in ce_terms if hasattr(ce, "zero_weight_batches"))
+
+
+class ClassWeightedCoTraining(CoTraining):
+    """CPS in which each net carries its own EMA class weights, computed from the histogram of *its own* argmax
+    and pushed into both of its losses before they are evaluated (docs/methods.md#cls, #crest, #simis).
+
+    A subclass sets ``weighting_cls``: ``(num_cls, do_bg=…, momentum=…)`` -> an object with ``init_weights(labels)``,
+    ``get_ema_weights(logits)`` (returns the updated ``[C]`` weights) and ``state_dict()`` / ``load_state_dict()``;
+    one per net, built as the original scripts do (``do_bg=True``, momentum 0.99). ``count_labeled``: whether the
+    labeled half of the batch enters the histogram (SimiS) or only the unlabeled half does (CReST, CLS). Both nets
+    start from the weights of the labeled set.
+    """
+    weighting_cls = None
+    count_labeled = False
+
+    def make_weighting(self):
+        return self.weighting_cls(self.cfg.num_cls, do_bg=True, momentum=0.99)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.weighting = {name: self.make_weighting() for name in self.nets}
+
+    def on_train_start(self, labeled_ds):
+        first, *others = self.weighting.values()
+        first.init_weights(labeled_ds)  # one pass over the stored labels; the other nets copy the result
+        for weighting in others:
+            weighting.load_state_dict(copy.deepcopy(first.state_dict()))
+
+    def training_step(self, x_l, y_l, x_u, step):
+        logits_a, logits_b, n_l = self.forward_both(x_l, x_u)
+        counted = slice(0 if self.count_labeled else n_l, None)
+        w_a = self.weighting["A"].get_ema_weights(logits_a[counted].detach())  # before the losses, own argmax
+        w_b = self.weighting["B"].get_ema_weights(logits_b[counted].detach())
+        loss_sup, loss_cps = self.cps_pair(logits_a, logits_b, y_l, n_l, w_a, w_b)
+        return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}
+
+    def on_epoch_end(self, epoch):
+        """The last iteration's class weights of each net, and the count of all-zero-weight CE terms so far."""
+        return {**{f"class_weights/{name}": w.weights for name, w in self.weighting.items()},
+                "zero_weight_ce_terms": self.zero_weight_ce_terms()}
+
+    def state_dict(self):
+        return {**super().state_dict(), "weighting": {name: w.state_dict() for name, w in self.weighting.items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        for name, weighting in self.weighting.items():
+            weighting.load_state_dict(state["weighting"][name])
