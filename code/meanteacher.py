@@ -7,7 +7,7 @@ both constructed and then initialised *independently* (the teacher is not a copy
 parameters excluded from autograd and never switched to eval mode (its targets use dropout and batch-statistics
 BatchNorm, as the original), and after every optimiser step the parameters-only EMA
 
-    α = min(1 − 1/(g + 1), 0.99),   θ_T ← α·θ_T + (1 − α)·θ_S                       (docs/methods.md#uamt, (U1))
+    α = min(1 − 1/(g + 1), 0.99),   θ_T ← α·θ_T + (1 − α)·θ_S                       (docs/methods.md#uamt, (uamt-1))
 
 with g = the epoch index by default (the original passes the epoch as its "global step", so α = 0 through epoch 0
 and the teacher is a parameter copy of the student), or the iteration counter with ``--ema_step iteration``.
@@ -48,8 +48,8 @@ class MeanTeacher(Method):
     @classmethod
     def add_args(cls, parser):
         parser.add_argument("--ema_step", choices=("epoch", "iteration"), default="epoch",
-                            help="the EMA's global step g in α = min(1 − 1/(g+1), 0.99): the epoch index as the "
-                                 "original (α = 0 all through epoch 0), or the iteration counter (mean-teacher paper)")
+                            help="the EMA's global step g in α = min(1 − 1/(g+1), 0.99): the epoch index as "
+                                 "the original (α = 0 all through epoch 0), or the iteration counter (mean teacher)")
 
     def __init__(self, cfg):
         super().__init__(cfg)

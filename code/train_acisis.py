@@ -5,7 +5,8 @@ A mean teacher whose unlabeled loss samples voxels per class: three confidence m
 half during an epoch are fused by a Gompertz fuzzy rank into a class confidence (EMA), rarely-confident classes
 get high sampling rates, and each unlabeled voxel of the student's predicted class c enters the CE to the teacher's
 hard pseudo-label with probability rate_c, weighted by the student's max-probability^1.5.
-Spec: docs/methods.md#acisis, (A1)-(A7); the student/EMA-teacher machinery is ``meanteacher.MeanTeacher``.
+Spec: docs/methods.md#acisis, (acisis-1)-(acisis-7); the student/EMA-teacher machinery is
+``meanteacher.MeanTeacher``.
 
 Faithful on purpose (docs/methods.md#acisis): with [B, 1, ...] labels the metrics pair every sample's
 probabilities with every sample's class mask (``--acisis_record per_sample`` pairs each sample with its own);
@@ -27,12 +28,12 @@ P_CCF = 0.0    # their contribution to the confidence factor
 
 
 def gompertz(r):
-    """(A3) ``G(r) = 1 − exp(−exp(−2r))``: decreasing, G(0) = 1 − 1/e, G(1) ≈ 0.1266."""
+    """(acisis-3) ``G(r) = 1 − exp(−exp(−2r))``: decreasing, G(0) = 1 − 1/e, G(1) ≈ 0.1266."""
     return 1 - torch.exp(-torch.exp(-2.0 * r))
 
 
 def fuzzy_rank(g, top_m):
-    """(A3) Per metric (row), keep G of the ``top_m`` classes with the smallest G (ties at the cut all kept),
+    """(acisis-3) Per metric (row), keep G of the ``top_m`` classes with the smallest G (ties at the cut all kept),
     P_FR elsewhere. ``top_m`` is clamped to the number of classes (the original crashes above it)."""
     top_m = min(top_m, g.shape[1])
     cut = g.sort(1).values[:, top_m - 1:top_m]
@@ -40,11 +41,11 @@ def fuzzy_rank(g, top_m):
 
 
 class ConfidenceArray:
-    """Class-wise confidence metrics of the labeled predictions -> per-class sampling rates (A1)-(A6).
+    """Class-wise confidence metrics of the labeled predictions -> per-class sampling rates (acisis-1)-(acisis-6).
 
     State (all in ``state_dict``): accumulators ``entropy``, ``confidence``, ``variance`` [C], ``cur_iter``,
     the class confidence ``cc`` [C] (EMA, starts at 0) and ``rate`` [C] (starts at 1). ``update_iter``: the
-    iterations between rate updates (one epoch). ``broadcast``: the original's cross-sample pairing (A2).
+    iterations between rate updates (one epoch). ``broadcast``: the original's cross-sample pairing (acisis-2).
     """
 
     def __init__(self, num_cls, momentum=0.99, update_iter=1, top_m=12, power=2.5, beta=1.5, broadcast=True):
@@ -59,8 +60,8 @@ class ConfidenceArray:
 
     @torch.no_grad()
     def record_data(self, out, gt):
-        """(A1)-(A2) Accumulate the three metrics from labeled logits ``out`` [B, C, ...] and labels ``gt``
-        ([B, 1, ...] or [B, ...]), each normalised by the class's voxel count ``N_c`` (+1e-12):
+        """(acisis-1)-(acisis-2) Accumulate the three metrics from labeled logits ``out`` [B, C, ...] and labels
+        ``gt`` ([B, 1, ...] or [B, ...]), each normalised by the class's voxel count ``N_c`` (+1e-12):
         ``E_c = Σ p_c·Σ_k log(p_k + 1e-12)·[g = c]``, ``Cf_c = Σ p_c·[g = c]``, ``V_c = Σ (max_k p_k − p_c)·[g = c]``.
         With ``broadcast`` and [B, 1, ...] labels the sums run over all sample pairs (i, j), mask of i times
         metric of j, as the original's broadcasting does; otherwise over each sample with its own mask."""
@@ -88,25 +89,25 @@ class ConfidenceArray:
 
     @torch.no_grad()
     def cal_sampling_rate(self):
-        """(A3)-(A5) When ``update_iter`` records have been made: fuse the mean metrics into the class confidence
-        ``cc ← m·cc + (1 − m)·cur`` and set ``rate = ((1 − cc)/(max(1 − cc) + 1e-12))^power``, then reset the
-        accumulators. Returns the current rates [C] (unchanged between updates)."""
+        """(acisis-3)-(acisis-5) When ``update_iter`` records have been made: fuse the mean metrics into the class
+        confidence ``cc ← m·cc + (1 − m)·cur`` and set ``rate = ((1 − cc)/(max(1 − cc) + 1e-12))^power``, then reset
+        the accumulators. Returns the current rates [C] (unchanged between updates)."""
         if self.cur_iter != self.update_iter:
             return self.rate
         r = F.softmax(torch.stack([self.entropy, self.confidence, self.variance]) / self.cur_iter, 1).double()
-        kept = fuzzy_rank(gompertz(r), self.top_m)                    # (A3)
+        kept = fuzzy_rank(gompertz(r), self.top_m)                    # (acisis-3)
         fr = kept.sum(0)
-        ccf = 1 - torch.where(kept == P_FR, torch.full_like(r, P_CCF), r).sum(0) / r.shape[0]  # (A4)
+        ccf = 1 - torch.where(kept == P_FR, torch.full_like(r, P_CCF), r).sum(0) / r.shape[0]  # (acisis-4)
         cur = (ccf * fr).float()
         self.cc = ema(cur / cur.max(), self.cc, self.momentum)
         self._reset()
         rate = 1 - self.cc
-        self.rate = (rate / (rate.max() + 1e-12)) ** self.power        # (A5)
+        self.rate = (rate / (rate.max() + 1e-12)) ** self.power        # (acisis-5)
         return self.rate
 
     @torch.no_grad()
     def cal_sampling_mask(self, out, min_sr=0.0):
-        """(A6) From unlabeled logits ``out`` [B, C, ...]: a voxel predicted as class c is kept with probability
+        """(acisis-6) From unlabeled logits ``out`` [B, C, ...]: a voxel predicted as class c is kept with probability
         rate_c (``u > 1 − rate_c``, u ~ U(0, 1) per voxel; foreground rates clamped below at ``min_sr``) and
         weighted by its max-probability^beta. Returns the weight map [B, ...]."""
         q, pred = F.softmax(out.float(), 1).max(1).values, out.argmax(1)
@@ -156,8 +157,8 @@ class ACISIS(MeanTeacher):
         self.confs.record_data(logits_l.detach(), y_l)
         self.confs.cal_sampling_rate()                                # updates inside the epoch's last iteration
         weight_map = self.confs.cal_sampling_mask(logits_u.detach())
-        loss_u = self.unsup_loss(logits_u, pseudo, weight_map)       # (A6): mean over all unlabeled voxels
-        return {"loss": loss_sup + step.unsup_w * loss_u, "sup": loss_sup, "cps": loss_u}  # (A7)
+        loss_u = self.unsup_loss(logits_u, pseudo, weight_map)       # (acisis-6): mean over all unlabeled voxels
+        return {"loss": loss_sup + step.unsup_w * loss_u, "sup": loss_sup, "cps": loss_u}  # (acisis-7)
 
     def on_epoch_end(self, epoch):
         return {"acisis/sampling_rate": self.confs.rate, "acisis/class_confidence": self.confs.cc}
