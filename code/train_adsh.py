@@ -1,13 +1,13 @@
 """Adsh: adaptive thresholding (Guo & Li, "Class-Imbalanced Semi-Supervised Learning with Adaptive Thresholding",
-ICML 2022), as DHC's baseline on two co-trained VNets (docs/methods.md#adsh).
+ICML 2022, PMLR 162), as DHC's baseline on two co-trained VNets (docs/methods.md#adsh).
 
 Idea: one confidence threshold τ admits mostly majority-class pseudo-labels; keep τ for the majority class only and
-give every other class the threshold that admits the same fraction ρ of its predictions (docs/methods.md#adsh,
-equations (A1)-(A4)), re-estimated from a bank of recent unlabeled softmax maps. Here samples are voxels, each net
-keeps its own bank, and the peer's per-class maps 1[p_c > thr_c] multiply the student's logits in the cross CE.
-Faithful: τ = 0.9, bank of ⌊U/4⌋ patches (U unlabeled cases) refreshed when full, ranks over all voxels, the
-unwritten last slot of an odd bank, maps on logits (``--adsh_mask voxel`` masks the loss instead). Unlike the
-original, banks and thresholds are saved for resume.
+give every other class the threshold that admits the same fraction ρ of its predictions, re-estimated from a bank
+of recent unlabeled softmax maps (docs/methods.md#adsh, equations (adsh-1)-(adsh-5)). Here samples are voxels,
+each net keeps its own bank, and the peer's per-class maps 1[p_c > thr_c] multiply the student's logits in the
+cross CE. Faithful: τ = 0.9, bank of ⌊U/4⌋ patches (U unlabeled cases) refreshed when full, ranks over all
+voxels, the unwritten last slot of an odd bank, maps on logits (``--adsh_mask voxel`` masks the loss instead).
+Unlike the original, banks and thresholds are saved for resume.
 """
 import torch
 
@@ -22,7 +22,7 @@ THRESH_MAJOR = 0.9  # what the training script passes (the class default is 0.95
 class ADSH:
     """Per-class thresholds of one net from a bank of ``tot_iter`` unlabeled softmax patches (``tot_iter`` is
     the bank size K). ``get_thresholds(out)`` stores ``softmax(out)`` while the bank is not full and otherwise
-    re-estimates (A1)-(A4) from the bank, empties it (this batch is not stored) and returns the new values."""
+    re-estimates (adsh-1)-(adsh-3) from the bank, empties it (this batch is not stored) and returns the new values."""
 
     def __init__(self, num_cls, thresh_major=0.95, tot_iter=4, patch_size=(64, 128, 128), device=None):
         self.num_cls, self.thresh_major, self.tot_iter = num_cls, thresh_major, tot_iter
@@ -58,7 +58,7 @@ class ADSH:
 
 
 def estimate_thresholds(scores, thresh_major):
-    """(A1)-(A4) on a bank ``[K, C, ...]``: n_c = #voxels predicted c, k = argmax n, ρ = (#(P_k > τ) + 1e-8) /
+    """(adsh-1)-(adsh-3) on a bank ``[K, C, ...]``: n_c = #voxels predicted c, k = argmax n, ρ = (#(P_k > τ) + 1e-8) /
     (n_k + 1e-8) in float32, thr_c = the ⌊ρ·n_c⌋-th (0-based) largest class-c probability over *all* bank voxels.
     A class never predicted gets its maximum probability. The rank is clamped to the last voxel (the original
     raises IndexError in that degenerate case)."""
@@ -72,7 +72,7 @@ def estimate_thresholds(scores, thresh_major):
 
 
 def cal_sampling_mask(out, thresholds):
-    """(A5) per-class maps ``S[:, c] = 1[softmax(out)_c > thr_c]`` (strict), float, ``out``'s shape."""
+    """(adsh-4) per-class maps ``S[:, c] = 1[softmax(out)_c > thr_c]`` (strict), float, ``out``'s shape."""
     probs = torch.softmax(out.detach().float(), dim=1)
     return (probs > thresholds.to(out.device).view(1, -1, *[1] * (out.dim() - 2))).float()
 
@@ -118,7 +118,7 @@ class ADSHCoTraining(CoTraining):
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}
 
     def cross_loss(self, logits, target, peer_map, net):
-        """(A6): mean over all voxels of CE(z ⊙ S_peer, ŷ_peer), or with ``--adsh_mask voxel`` of
+        """(adsh-5): mean over all voxels of CE(z ⊙ S_peer, ŷ_peer), or with ``--adsh_mask voxel`` of
         S_peer[ŷ_peer]·CE(z, ŷ_peer)."""
         if self.cfg.adsh_mask == "logits":
             return self.cps_losses[net](logits * peer_map, target.unsqueeze(1))

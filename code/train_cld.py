@@ -4,7 +4,7 @@ co-trained VNets (docs/methods.md#cld).
 
 Idea: calibrate co-training to the label distribution: static class weights from the labeled voxel counts in
 every loss, and each net keeps per-class confidences on the labeled data and samples the voxels it predicts as a
-low-confidence class more often in its cross-supervision loss (docs/methods.md#cld, equations (C1)-(C4)).
+low-confidence class more often in its cross-supervision loss (docs/methods.md#cld, equations (cld-1)-(cld-5)).
 Faithful: weights (max N / N_c)^(1/3) shared by both nets, a random start for the confidences (B cloned from A),
 an update every 8 calls with EMA 0.999, rate exponent 0.5, the mask from the student's own argmax, the cross CE
 averaged over all voxels. The original's position-based cropping is absent there too. Unlike the original, a class
@@ -22,7 +22,7 @@ MOMENTUM, UPDATE_ITER, GAMMA = 0.999, 8, 0.5
 
 
 def class_weights(labels, num_cls, absent="rarest"):
-    """(C1) ``w_c = (max_k N_k / N_c)^(1/3)`` (float32 ``[C]``) from an iterable of label arrays or tensors (or a
+    """(cld-1) ``w_c = (max_k N_k / N_c)^(1/3)`` (float32 ``[C]``) from an iterable of label arrays or tensors (or a
     dataset: its full stored labeled volumes). A class with N_c = 0 gets the largest finite weight
     (``absent="rarest"``) or infinity as the original (``absent="inf"``)."""
     if hasattr(labels, "iter_stored_labels"):
@@ -39,7 +39,7 @@ def class_weights(labels, num_cls, absent="rarest"):
 
 
 class ConfidenceBank:
-    """(C2) per-class mean probability of the true class on labeled voxels: accumulated over ``update_iter``
+    """(cld-2) per-class mean probability of the true class on labeled voxels: accumulated over ``update_iter``
     calls of ``record_data``, then taken as is the first time and EMA'd (``momentum``) afterwards."""
 
     def __init__(self, num_cls, confs=None, momentum=MOMENTUM, update_iter=UPDATE_ITER):
@@ -78,13 +78,13 @@ class ConfidenceBank:
 
 
 def cal_sampling_rate(confs, gamma=GAMMA):
-    """(C3) ``r_c = ((1 − conf_c) / (max_k (1 − conf_k) + 1e-12))^γ``: the least confident class has rate 1."""
+    """(cld-3) ``r_c = ((1 − conf_c) / (max_k (1 − conf_k) + 1e-12))^γ``: the least confident class has rate 1."""
     unsure = 1 - confs
     return (unsure / (unsure.max() + 1e-12)) ** gamma
 
 
 def sampling_mask(pred, rates):
-    """(C4) keep a voxel predicted as c with probability r_c: ``u > 1 − r_pred`` with one uniform per voxel."""
+    """(cld-4) keep a voxel predicted as c with probability r_c: ``u > 1 − r_pred`` with one uniform per voxel."""
     u = torch.rand(pred.shape, device=pred.device)
     return (u > 1 - rates.to(pred.device)[pred]).float()
 
@@ -119,8 +119,8 @@ class CLD(CoTraining):
         loss_sup = self.sup_losses["A"](logits["A"][:n], y_l) + self.sup_losses["B"](logits["B"][:n], y_l)
         targets = {k: hard_labels(z) for k, z in logits.items()}
         masks = {k: sampling_mask(targets[k], cal_sampling_rate(self.banks[k].get_confs())) for k in logits}
-        loss_cps = self.cross_ce(logits["A"], targets["B"], weight_map=masks["A"]) \
-            + self.cross_ce(logits["B"], targets["A"], weight_map=masks["B"])
+        loss_cps = (self.cross_ce(logits["A"], targets["B"], weight_map=masks["A"])      # (cld-5)
+                    + self.cross_ce(logits["B"], targets["A"], weight_map=masks["B"]))
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}
 
     def on_epoch_end(self, epoch):

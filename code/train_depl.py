@@ -3,8 +3,8 @@ Pseudo-Labels", CVPR 2022, arXiv 2201.01490), as DHC's baseline on two co-traine
 
 Idea: pseudo-labels lean towards the classes the model already over-predicts; an EMA q̂ of the model's mean
 prediction on unlabeled data is that bias, and removing it by causal inference, softmax(z − τ·log q̂), gives
-debiased pseudo-labels (docs/methods.md#depl, equations (P1)-(P3)). Here q̂ is kept per voxel position of the
-training patch, one per net; each net's debiased, ≥ 0.9-confident labels supervise the other net.
+debiased pseudo-labels (docs/methods.md#depl, equations (depl-1)-(depl-4)). Here q̂ is kept per voxel position of
+the training patch, one per net; each net's debiased, ≥ 0.9-confident labels supervise the other net.
 Faithful: τ = 1, threshold 0.9, momentum 0.99; q̂ updated after the pseudo-labels from the unlabeled half only;
 the adaptive-marginal logits are not used (``--depl_marginal`` to use them). Unlike the original, q̂ is saved.
 """
@@ -27,12 +27,12 @@ def initial_qhat(class_num=14, patch_size=(64, 128, 128), device=None):
 
 
 def causal_inference(logits, qhat, tau=0.5):
-    """Debiased logits ``logits − τ·log q̂`` (P1); q̂ ``[1, C, D, H, W]`` broadcasts over the batch."""
+    """Debiased logits ``logits − τ·log q̂`` (depl-1); q̂ ``[1, C, D, H, W]`` broadcasts over the batch."""
     return logits - tau * torch.log(qhat.to(logits.device))
 
 
 def update_qhat(probs, qhat, momentum=0.99):
-    """(P2) q̂ ← m·q̂ + (1 − m)·mean_b probs: the mean is over the batch only, so q̂ stays per voxel."""
+    """(depl-2) q̂ ← m·q̂ + (1 − m)·mean_b probs: the mean is over the batch only, so q̂ stays per voxel."""
     return ema(probs.detach().mean(dim=0, keepdim=True), qhat.to(probs.device), momentum)
 
 
@@ -54,7 +54,7 @@ class DePL(CoTraining):
         self.cross_ce = WeightedCrossEntropyLoss()  # Σ mask·CE / (all voxels)
 
     def pseudo_labels(self, logits, net):
-        """(P3) (targets, mask): argmax and 1[max ≥ 0.9] of softmax(z − τ·log q̂_net), detached."""
+        """(depl-3) (targets, mask): argmax and 1[max ≥ 0.9] of softmax(z − τ·log q̂_net), detached."""
         probs = torch.softmax(causal_inference(logits.detach(), self.qhat[net], TAU).float(), dim=1)
         conf, target = probs.max(dim=1)
         return target, (conf >= THRESHOLD).float()
@@ -73,7 +73,7 @@ class DePL(CoTraining):
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}
 
     def marginal_logits(self, logits, net, n):
-        """The student's logits for the cross loss: raw (original), or the unlabeled half + τ·log q̂ (fresh)."""
+        """The student's logits in (depl-4): raw (original), or the unlabeled half + τ·log q̂ (fresh q̂)."""
         mode = self.cfg.depl_marginal
         if mode == "unused":
             return logits
