@@ -10,15 +10,13 @@ import torch.nn.functional as F
 import engine
 from train_adsh import ADSH, ADSHCoTraining, cal_sampling_mask, estimate_thresholds
 from utils.io import ConfigError
-from utils.runinfo import build_parser, resolve_config
+from test_methods_common import make_method, tiny_batch
 
 C, PATCH = 4, (4, 4, 4)
 
 
 def tiny_method(*extra):
-    argv = ["--task", "phantom", "--n_filters", "4", "--patch_size", "16", "32", "32", "--device", "cpu", *extra]
-    torch.manual_seed(0)
-    return ADSHCoTraining(resolve_config(ADSHCoTraining, build_parser(ADSHCoTraining).parse_args(argv)))
+    return make_method(ADSHCoTraining, extra)  # seeded, FAST flags on the phantom task (C = 14)
 
 
 def logits(seed, batch=2):
@@ -141,9 +139,7 @@ def test_training_step_first_cycle_is_plain_cps_and_lambda_zero_is_supervised():
     method.on_train_start(FakeLabeled(16))
     for net in method.nets.values():
         net.eval()  # no dropout: the step's logits can be recomputed
-    g = torch.Generator().manual_seed(1)
-    x_l, x_u = torch.rand(2, 1, 16, 32, 32, generator=g), torch.rand(2, 1, 16, 32, 32, generator=g)
-    y_l = torch.randint(0, 14, (2, 1, 16, 32, 32), generator=g)
+    x_l, y_l, x_u = tiny_batch()
     out = method.training_step(x_l, y_l, x_u, engine.Step(0, 0, 0, 1e-3, 0.0))
     assert out["loss"].item() == pytest.approx(out["sup"].item(), rel=1e-7)
     with torch.no_grad():

@@ -8,19 +8,11 @@ import torch.nn.functional as F
 import engine
 from train_cld import CLD, ConfidenceBank, cal_sampling_rate, class_weights, sampling_mask
 from utils.io import ConfigError
-from utils.runinfo import build_parser, resolve_config
+from test_methods_common import make_method, tiny_batch
 
 
 def tiny_method(*extra):
-    argv = ["--task", "phantom", "--n_filters", "4", "--patch_size", "16", "32", "32", "--device", "cpu", *extra]
-    torch.manual_seed(0)
-    return CLD(resolve_config(CLD, build_parser(CLD).parse_args(argv)))
-
-
-def tiny_batch():
-    g = torch.Generator().manual_seed(1)
-    x_l, x_u = torch.rand(2, 1, 16, 32, 32, generator=g), torch.rand(2, 1, 16, 32, 32, generator=g)
-    return x_l, torch.randint(0, 14, (2, 1, 16, 32, 32), generator=g), x_u
+    return make_method(CLD, extra)  # seeded, FAST flags on the phantom task (C = 14, patch 16x32x32)
 
 
 def histogram_labels(counts):

@@ -9,19 +9,11 @@ import torch.nn.functional as F
 import engine
 import train_depl
 from train_depl import DePL, causal_inference, initial_qhat, update_qhat
-from utils.runinfo import build_parser, resolve_config
+from test_methods_common import make_method, tiny_batch
 
 
 def tiny_method(*extra):
-    argv = ["--task", "phantom", "--n_filters", "4", "--patch_size", "16", "32", "32", "--device", "cpu", *extra]
-    torch.manual_seed(0)
-    return DePL(resolve_config(DePL, build_parser(DePL).parse_args(argv)))
-
-
-def tiny_batch():
-    g = torch.Generator().manual_seed(1)
-    x_l, x_u = torch.rand(2, 1, 16, 32, 32, generator=g), torch.rand(2, 1, 16, 32, 32, generator=g)
-    return x_l, torch.randint(0, 14, (2, 1, 16, 32, 32), generator=g), x_u
+    return make_method(DePL, extra)  # seeded, FAST flags on the phantom task (C = 14, patch 16x32x32)
 
 
 def test_initial_qhat_is_uniform_with_the_patch_shape():
