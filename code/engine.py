@@ -59,7 +59,7 @@ class Method:
         ``models.build_network`` so ``run.json`` records what was trained; ``overrides`` go to the builder."""
         from models import build_network
         cfg = self.cfg
-        kwargs = {"has_dropout": self.has_dropout, **overrides}
+        kwargs = {"has_dropout": self.has_dropout, "patch_size": cfg.patch_size, **overrides}  # patch: UNETR_PP
         return build_network(self.network, cfg.task.num_channels, cfg.num_cls, cfg.n_filters, **kwargs)
 
     @classmethod

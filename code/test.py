@@ -34,10 +34,12 @@ DEFAULT_NETWORK = "VNet"
 FIXED_N_FILTERS = {"unet_3D_ds": 16}  # the original builds URPC's U-Net at 16 filters on every task
 
 
-def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False):
+def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False,
+                  patch_size=None):
     """``models.build_network``, imported on use (tests replace this name with a stand-in)."""
     from models import build_network as build
-    return build(name, n_channels, n_classes, n_filters, normalization=normalization, has_dropout=has_dropout)
+    return build(name, n_channels, n_classes, n_filters, normalization=normalization, has_dropout=has_dropout,
+                 patch_size=patch_size)
 
 
 def parse_args(argv=None):
@@ -192,6 +194,7 @@ def run(args):
     ckpt_path = os.path.join(exp_dir(args.exp), "ckpts", "best_model.pth")
     ckpt = load_checkpoint(ckpt_path, expected_keys)
     keys = select_nets(ckpt, args.cps, ckpt_path)
+    spec = dict(spec, patch_size=patch_size)  # sizes UNETR_PP's positional embeddings; VNet ignores it
     nets = [load_net(spec, ckpt[k], ckpt_path if k is None else f"{ckpt_path}['{k}']", device) for k in keys]
     out_dir = prediction_dir(args.exp, args.cps, ckpt)
     stride_xy, stride_z = strides_for(args.speed, patch_size)

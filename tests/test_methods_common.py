@@ -16,7 +16,8 @@ from cotraining import CoTraining
 from conftest import FAST, METHODS, REPO, last_nets
 
 # Flags a method needs on the tiny data beyond FAST (e.g. a backbone with its own patch constraints).
-EXTRA_FLAGS = {"adsh": ["--adsh_bank", "4"]}  # a bank that fills and re-estimates within two epochs
+EXTRA_FLAGS = {"dhc_unetrpp": ["--patch_size", "32", "32", "32"],  # UNETR++: every axis a multiple of 32
+               "adsh": ["--adsh_bank", "4"]}  # a bank that fills and re-estimates within two epochs
 
 
 def method_class(name):
