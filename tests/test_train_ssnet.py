@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 import engine
 import train_ssnet as ss
-from conftest import FAST
 from models import build_network
 from models.vnet import VNet
+from test_methods_common import make_method, tiny_batch
 from test_test_script import PATCH, cli, env, expected_labels, make_exp, read_pred  # noqa: F401 (env: fixture)
-from utils.runinfo import build_parser, resolve_config
 
 HEAD_KEYS = ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked",
              "3.weight", "3.bias"]
@@ -253,23 +252,11 @@ def test_frozen_bn_stats_restores_flags_after_an_error():
 
 # ------------------------------------------------------------------------------------------- training step
 
-def make_method(*extra):
-    torch.manual_seed(0)
-    cls = ss.SSNet
-    return cls(resolve_config(cls, build_parser(cls).parse_args(FAST + ["--task", "phantom", *extra])))
-
-
-def tiny_batch():
-    g = torch.Generator().manual_seed(9)
-    return torch.rand(2, 1, 16, 32, 32, generator=g), torch.rand(2, 1, 16, 32, 32, generator=g)
-
-
 @pytest.mark.parametrize("sup_ce", [False, True])
 def test_lambda_zero_gives_the_background_inclusive_dice_only(sup_ce):
-    method = make_method(*(["--sup_ce"] if sup_ce else []))
+    method = make_method(ss.SSNet, ["--sup_ce"] if sup_ce else [])
     net = method.nets["model"].train()
-    x_l, x_u = tiny_batch()
-    y_l = torch.randint(0, 14, (2, 1, 16, 32, 32), generator=torch.Generator().manual_seed(10))
+    x_l, y_l, x_u = tiny_batch()
     torch.manual_seed(11)
     out = method.training_step(x_l, y_l, x_u, engine.Step(0, 0, 0, 0.01, 0.0))
     torch.manual_seed(11)  # same dropout masks; train-mode BN uses batch statistics
@@ -284,9 +271,9 @@ def test_lambda_zero_gives_the_background_inclusive_dice_only(sup_ce):
 
 
 def test_step_fills_the_memory_from_correct_foreground_and_it_survives_save_load(tmp_path):
-    method = make_method()
+    method = make_method(ss.SSNet)
     net = method.nets["model"].train()
-    x_l, x_u = tiny_batch()
+    x_l, _, x_u = tiny_batch()
     torch.manual_seed(12)
     with torch.no_grad():
         y_l = net(torch.cat([x_l, x_u]))[0][:2].argmax(1, keepdim=True)  # labels = the prediction: all correct
@@ -301,7 +288,7 @@ def test_step_fills_the_memory_from_correct_foreground_and_it_survives_save_load
             assert memory[c].shape == (min(32, int(counts[c])), 8) and not memory[c].requires_grad
     assert out["loss_con_l"].item() > 0 and out["loss"].requires_grad
     torch.save(method.state_dict(), tmp_path / "state.pth")
-    restored = make_method()
+    restored = make_method(ss.SSNet)
     restored.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=False))
     for a, b in zip(memory, restored.memory.memory):
         assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
