@@ -9,9 +9,11 @@ dict of scalar tensors with a ``loss`` entry; the engine backpropagates and step
 ``after_optimizer_step(step)``; per epoch ``on_epoch_end(epoch)``; validation via ``predict(x)``.
 """
 import dataclasses
+import json
 import logging
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -19,13 +21,14 @@ import torch
 
 from utils import ramps
 from utils.device import place_module
-from utils.io import ConfigError, DataError, exp_dir, torch_save
-from utils.runinfo import build_parser, resolve_config, write_run_json
+from utils.io import (ConfigError, DataError, FolderLock, describe_error, exp_dir, is_out_of_memory, read_list,
+                      remove_stale_tmp, torch_save, write_json)
+from utils.runinfo import build_parser, resolve_config, resume_mismatch, run_record
 from utils.validation import validate
 
 log = logging.getLogger("engine")
 
-MAX_NONFINITE_IN_A_ROW = 20  # a run whose loss is NaN/inf this many iterations in a row is broken: stop
+MAX_NONFINITE_IN_A_ROW = 20  # a run whose loss is NaN/inf this many iterations in a row (across epochs) is broken
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +157,23 @@ def build_datasets(cfg, method):
     labeled = VolumeDataset(cfg.task, cfg.split_labeled, transform=train_tf,
                             repeat=len(unlabeled) if unlabeled is not None else None)
     evaluation = VolumeDataset(cfg.task, cfg.split_eval, transform=make_eval_transform(cfg.task, cfg.patch_size))
+    check_no_leakage(cfg.task, labeled, unlabeled, evaluation)
     return labeled, unlabeled, evaluation
+
+
+def check_no_leakage(task, labeled, unlabeled, evaluation):
+    """Training cases (labeled or unlabeled) must not be eval cases, and none of them test cases (test.txt, when
+    present): e.g. the original's AMOS 20 % lists hold 20 eval ids. A DataError names the files and ids."""
+    test_path = task.split_path("test")
+    test = set(read_list(test_path)) if os.path.isfile(test_path) else set()
+    sets = [(ds.split_path, set(ds.ids)) for ds in (labeled, unlabeled) if ds is not None]
+    pairs = [(a, b) for a in sets for b in [(evaluation.split_path, set(evaluation.ids))]]
+    pairs += [(a, (test_path, test)) for a in sets + [(evaluation.split_path, set(evaluation.ids))]]
+    for (path_a, ids_a), (path_b, ids_b) in pairs:
+        shared = sorted(ids_a & ids_b)
+        if shared and path_a != path_b:
+            raise DataError(f"{path_a}: shares {len(shared)} ids with {path_b} ({', '.join(shared[:5])}); "
+                            "training on evaluation or test cases leaks them")
 
 
 def setup_logging(folder):
@@ -168,7 +187,17 @@ def setup_logging(folder):
         handlers.append(logging.FileHandler(os.path.join(folder, "train.log")))
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler._dhc_run = True
         root.addHandler(handler)
+
+
+def teardown_logging():
+    """Close and remove the handlers ``setup_logging`` installed (train.log is closed when a run ends)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_dhc_run", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def fmt_vector(t):
@@ -178,12 +207,22 @@ def fmt_vector(t):
 
 def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step):
     """One iteration: zero grads, ``training_step`` under autocast, scaled backward, step every optimiser,
-    ``after_optimizer_step``. Returns the method's outputs, or None when the loss is not finite (step skipped)."""
+    ``after_optimizer_step``. Returns the method's outputs, or None when the loss is not finite (step skipped).
+
+    Under AMP a non-finite step still goes through the GradScaler as in the original (backward, ``scaler.step``
+    finds the inf/NaN gradients and skips, ``scaler.update`` halves the scale); in fp32 nothing is stepped."""
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     with torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
         out = method.training_step(x_l, y_l, x_u, step)
     if not torch.isfinite(out["loss"]):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
+        if scaler.is_enabled() and out["loss"].requires_grad:
+            scaler.scale(out["loss"]).backward()
+            for opt in optimizers.values():
+                scaler.step(opt)
+            scaler.update()
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
         return None
     scaler.scale(out["loss"]).backward()
     for opt in optimizers.values():
@@ -222,8 +261,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
         # -1, not the original's 0: an all-zero first validation still writes best_model.pth (test.py needs it)
         self.start_epoch, self.best_dice, self.best_epoch = 0, -1.0, 0
-        self.nonfinite_total = 0
-        self.writer, self.writes_files = None, False
+        self.nonfinite_total = self.nonfinite_row = 0  # the row is counted across epochs
+        self.writer, self.writes_files, self.lock, self._notes = None, False, None, []
 
     # -- files
     def _ckpt(self, name):
@@ -239,30 +278,79 @@ class Trainer:
             "nets": {k: n.state_dict() for k, n in self.method.nets.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(), "rng": rng_state(),
-            "nonfinite_total": self.nonfinite_total})
+            "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row})
 
     def resume(self):
+        """Load last.pth into the nets, optimisers, scaler, method and RNGs, after checking that run.json
+        describes the same method and network. Writes nothing; any problem is one DataError."""
         path = self._ckpt("last.pth")
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location=self.cfg.device, weights_only=False)
-        for k, net in self.method.nets.items():
-            net.load_state_dict(state["nets"][k])
-        for k, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
-        self.scaler.load_state_dict(state["scaler"])
-        self.method.load_state_dict(state["method"])
-        set_rng_state(state["rng"])
-        self.start_epoch = state["epoch"] + 1
-        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
-        self.nonfinite_total = state["nonfinite_total"]
-        log.info("resumed from %s at epoch %d (best %.4f at epoch %d)", path, self.start_epoch,
-                 self.best_dice, self.best_epoch)
+        info_path = os.path.join(self.folder, "run.json")
+        if os.path.isfile(info_path):
+            try:
+                with open(info_path) as f:
+                    old = json.load(f)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{info_path}: unreadable run config ({e})") from None
+            problem = resume_mismatch(old, json.loads(json.dumps(run_record(self.cfg, self.method), default=str)))
+            if problem:
+                raise DataError(f"{info_path}: cannot resume: the run was trained with {problem}; "
+                                "resume with the run's own script and flags")
+        try:
+            state = torch.load(path, map_location=self.cfg.device, weights_only=False)
+        except Exception as e:  # zip, pickle and EOF errors have no common base class
+            raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            "train again with --overwrite") from None
+        try:
+            for k, net in self.method.nets.items():
+                net.load_state_dict(state["nets"][k])
+            for k, opt in self.optimizers.items():
+                opt.load_state_dict(state["optimizers"][k])
+            self.scaler.load_state_dict(state["scaler"])
+            self.method.load_state_dict(state["method"])
+            set_rng_state(state["rng"])
+            self.start_epoch = state["epoch"] + 1
+            self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+            self.nonfinite_total = state["nonfinite_total"]
+            self.nonfinite_row = state.get("nonfinite_row", 0)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{path}: does not fit this {self.cfg.method} run ({type(e).__name__}: {first[:300]})"
+                            ) from None
+        self._notes.append(f"resumed from {path} at epoch {self.start_epoch} (best {self.best_dice:.4f} at epoch "
+                           f"{self.best_epoch})")  # logged once train.log is open
+
+    def _claim_folder(self):
+        """Before anything is written: lock the run folder (one writer), refuse to replace a finished run without
+        --overwrite, remove what an interrupted writer left (.tmp-*) and, for a fresh run, the old run's files."""
+        cfg, folder = self.cfg, self.folder
+        if cfg.resume and not os.path.isfile(self._ckpt("last.pth")):
+            raise DataError(f"{self._ckpt('last.pth')}: no checkpoint to resume from")
+        os.makedirs(folder, exist_ok=True)
+        self.lock = FolderLock(folder)
+        for sub in (folder, os.path.join(folder, "ckpts")):
+            remove_stale_tmp(sub, all_pids=True)  # the lock is ours: nobody else writes here
+        if cfg.resume:
+            return
+        finished = [n for n in ("best_model.pth", "last.pth") if os.path.isfile(self._ckpt(n))]
+        if finished and not cfg.overwrite:
+            raise ConfigError(f"{folder}: holds a trained run (ckpts/{finished[0]}); continue it with --resume, "
+                              "replace it with --overwrite, or choose another --exp")
+        old = [n for n in os.listdir(folder) if n in ("ckpts", "tensorboard", "train.log", "run.json")
+               or n.startswith("predictions_")]
+        for name in old:
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if old:
+            self._notes.append(f"--overwrite: removed the previous run's {', '.join(sorted(old))} from {folder}")
 
     def _open_outputs(self):
         """Log file, TensorBoard and checkpoints are written by the main process only (DDP-ready)."""
         from torch.utils.tensorboard import SummaryWriter
         self.writes_files = is_main_process()
+        if self.writes_files:
+            self._claim_folder()
+        if self.cfg.resume:
+            self.resume()
         if self.writes_files:
             os.makedirs(os.path.join(self.folder, "ckpts"), exist_ok=True)
         setup_logging(self.folder if self.writes_files else None)
@@ -280,7 +368,7 @@ class Trainer:
         labeled = make_loader(self.labeled, cfg, method)
         batches = (zip(labeled, make_loader(self.unlabeled, cfg, method)) if self.unlabeled is not None
                    else ((b, None) for b in labeled))
-        sums, n_it, nonfinite_row = {}, 0, 0
+        sums, n_it = {}, 0
         for it, (lab, unlab) in enumerate(batches):
             step = Step(epoch, it, epoch * len(labeled) + it, lr, unsup_w)
             x_l = lab["image"].to(cfg.device, non_blocking=True)
@@ -289,13 +377,14 @@ class Trainer:
             out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step)
             if out is None:
                 self.nonfinite_total += 1
-                nonfinite_row += 1
-                log.warning("epoch %d it %d: non-finite loss, step skipped (%d in a row)", epoch, it, nonfinite_row)
-                if nonfinite_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise FloatingPointError(f"{nonfinite_row} non-finite losses in a row at epoch {epoch}: "
-                                             "lower --base_lr or check the data")
+                self.nonfinite_row += 1
+                log.warning("epoch %d it %d: non-finite loss, step skipped (%d in a row)", epoch, it,
+                            self.nonfinite_row)
+                if self.nonfinite_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise FloatingPointError(f"{self.nonfinite_row} non-finite losses in a row (epoch {epoch}, "
+                                             f"iteration {it}): training stopped; lower --base_lr or check the data")
                 continue
-            nonfinite_row = 0
+            self.nonfinite_row = 0
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             n_it += 1
@@ -309,6 +398,8 @@ class Trainer:
             w.add_scalar(f"loss/{key}", value, epoch)
         parts = [f"epoch {epoch}", f"lr {lr:.6f}", f"cps_w {unsup_w:.4f}"]
         parts += [f"{k} {v:.4f}" for k, v in means.items()]
+        parts += [f"{tag} {float(v):g}" for tag, v in extra.items()  # e.g. zero_weight_ce_terms (one sync/epoch)
+                  if not (torch.is_tensor(v) and v.numel() > 1)]
         log.info(" | ".join(parts))
         for tag, value in extra.items():
             if torch.is_tensor(value) and value.numel() > 1:
@@ -341,13 +432,21 @@ class Trainer:
         return stop
 
     def fit(self):
+        try:
+            return self._fit()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+            teardown_logging()
+
+    def _fit(self):
         cfg = self.cfg
-        self._open_outputs()
+        self._open_outputs()  # claims the folder and loads last.pth (--resume) before writing anything
         if self.writes_files:
-            write_run_json(cfg, self.method, self.folder)
-        if cfg.resume:
-            self.resume()
-        else:
+            write_json(os.path.join(self.folder, "run.json"), run_record(cfg, self.method))
+        for note in self._notes:
+            log.info(note)
+        if not cfg.resume:
             self.method.on_train_start(self.labeled)
         log.info("%s on %s: %d labeled, %s unlabeled, %d eval cases; epochs %d..%d; device %s, amp %s",
                  cfg.method, cfg.task.name, len(self.labeled.ids),
@@ -356,7 +455,7 @@ class Trainer:
         from tqdm import tqdm
         bar = tqdm(range(self.start_epoch, cfg.max_epoch + 1), desc=cfg.exp, disable=not sys.stderr.isatty())
         for epoch in bar:  # E + 1 epochs, 0..E, as the original (Q34)
-            lr = ramps.lr_at_epoch(epoch, cfg.max_epoch, cfg.base_lr)
+            lr = ramps.lr_at_epoch(epoch, cfg.max_epoch, cfg.base_lr) if cfg.max_epoch else cfg.base_lr  # -ep 0
             unsup_w = ramps.unsup_weight_at_epoch(epoch, cfg.cps_w, cfg.rampup_length)
             means = self.train_epoch(epoch, lr, unsup_w)
             self.log_epoch(epoch, lr, unsup_w, means, self.method.on_epoch_end(epoch))
@@ -373,11 +472,29 @@ class Trainer:
         return self.best_dice
 
 
+def out_of_memory_message(cfg):
+    if cfg is None:
+        return "out of memory"
+    return (f"out of memory on {cfg.device} with --batch_size {cfg.batch_size} (per loader), --patch_size "
+            f"{' '.join(map(str, cfg.patch_size))}, --n_filters {cfg.n_filters}: lower --batch_size or --patch_size "
+            "(or --n_filters)")
+
+
 def run(method_cls, argv=None):
-    """Entry point of every ``train_<method>.py``: bad input -> ``error: ...`` on stderr, exit 2."""
+    """Entry point of every ``train_<method>.py``: bad input, a full disk, an unwritable output, out of memory, or a
+    run stopped by non-finite losses -> one ``error: ...`` line on stderr, exit 2. Ctrl-C propagates."""
+    cfg = None
     try:
         cfg = resolve_config(method_cls, build_parser(method_cls).parse_args(argv))
         return Trainer(method_cls, cfg).fit()
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, ConfigError, FloatingPointError) as e:
+        message = str(e)
+    except (OSError, MemoryError, RuntimeError) as e:
+        if is_out_of_memory(e):
+            message = out_of_memory_message(cfg)
+        else:
+            message = describe_error(e)
+            if message is None:
+                raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

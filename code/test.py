@@ -7,12 +7,16 @@ preprocessing path, Synapse halving for every method), Q43 (architecture from ru
     python code/test.py --task synapse --exp Task_synapse_20p/dhc/fold1 --cps AB [--speed 0] [--device auto]
 
 Writes ``logs/<exp>/predictions_<cps>/<id>.nii.gz`` (the original's path; ``<cps>`` is the --cps value, or
-``None`` without one, as in the original; an {A, B} checkpoint tested without --cps uses AB).
+``None`` without one, as in the original; an {A, B} checkpoint tested without --cps uses AB). The set is written
+into a staging folder and replaces the previous set as a whole only when every case is done, so an interrupted
+run leaves the old set untouched (and its staging folder is removed, at the latest by the next run).
 """
 import argparse
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -20,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from utils.inference import STRIDES, prepare_case, prepare_net, sliding_window_predict
-from utils.io import ConfigError, DataError, atomic_path, cli_main, exp_dir, read_list
+from utils.io import (ConfigError, DataError, atomic_path, cli_main, exp_dir, is_out_of_memory, read_list,
+                      remove_stale_tmp)
 from utils.device import resolve_device
 from utils.task import get_task
 
@@ -159,13 +164,32 @@ def write_prediction(path, labels, geometry):
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, tmp, True)
+        try:
+            sitk.WriteImage(image, tmp, True)
+        except RuntimeError as e:  # ITK's write errors are RuntimeErrors: name a full disk as one
+            if shutil.disk_usage(os.path.dirname(tmp)).free < 2 * labels.size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+            raise DataError(f"{path}: cannot write the prediction ({str(e).strip().splitlines()[-1]})") from None
 
 
 def prediction_dir(exp, cps, ckpt):
     """``logs/<exp>/predictions_<cps>``: named from the CLI value even where a bare checkpoint ignores it (the
     scripts' --cps AB -> predictions_AB); no --cps gives the original's 'None', or 'AB' for several nets."""
     return os.path.join(exp_dir(exp), f"predictions_{cps or ('None' if None in ckpt else 'AB')}")
+
+
+def replace_folder(staged, final):
+    """Put the complete folder ``staged`` at ``final``: the old set is renamed aside, the new one renamed in, the
+    old one deleted. Both renames are atomic, so ``final`` holds either the old set or the new one."""
+    old = None
+    if os.path.lexists(final):
+        if not os.path.isdir(final) or os.path.islink(final):
+            raise ConfigError(f"{final}: exists and is not a folder; remove it")
+        old = os.path.join(os.path.dirname(final), f".tmp-{os.getpid()}-old-{os.path.basename(final)}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def strides_for(speed, patch_size):
@@ -200,12 +224,26 @@ def run(args):
     stride_xy, stride_z = strides_for(args.speed, patch_size)
     log.info("%s x%d (%s) on %s, speed %d -> %s", spec["name"], len(nets), "+".join(map(str, keys)), device,
              args.speed, out_dir)
-    for case_id in tqdm(ids, desc="test", unit="case", disable=None):
-        image, geometry = prepare_case(task, case_id)
-        labels, _ = sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, task.num_cls,
-                                           sw_batch_size=args.sw_batch_size, device=device, amp=args.amp,
-                                           return_probs=False)
-        write_prediction(os.path.join(out_dir, f"{case_id}.nii.gz"), labels, geometry)
+    remove_stale_tmp(exp_dir(args.exp))  # staging folders of killed test runs
+    staged = os.path.join(exp_dir(args.exp), f".tmp-{os.getpid()}-{os.path.basename(out_dir)}")
+    try:
+        os.makedirs(staged)
+        for case_id in tqdm(ids, desc="test", unit="case", disable=None):
+            image, geometry = prepare_case(task, case_id)
+            try:
+                labels, _ = sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, task.num_cls,
+                                                   sw_batch_size=args.sw_batch_size, device=device, amp=args.amp,
+                                                   return_probs=False)
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise ConfigError(f"out of memory on {device} in the sliding window (case {case_id}, shape "
+                                  f"{tuple(image.shape)}, patch {' '.join(map(str, patch_size))}, --sw_batch_size "
+                                  f"{args.sw_batch_size}): lower --sw_batch_size (or use --device cpu)") from None
+            write_prediction(os.path.join(staged, f"{case_id}.nii.gz"), labels, geometry)
+        replace_folder(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     log.info("wrote %d predictions to %s", len(ids), out_dir)
     return out_dir
 

@@ -17,7 +17,7 @@ if __name__ == "__main__":  # run as `python code/data/preprocess_amos.py`: make
 import numpy as np
 
 from data.preprocess_common import (geometry_meta, head_tail, load_case, pair_cases, permuted, require_folder,
-                                    resolve_task, run_cli, run_preprocessing)
+                                    resolve_task, run_cli, run_preprocessing, shipped_splits)
 from data.transforms import resize_image, resize_label
 from utils.io import DataError
 
@@ -39,9 +39,17 @@ def find_cases(raw_dir):
     return found
 
 
+SHIPPED_RATIOS = (2, 5, 10)  # the original's 20 % pair is not shipped: 20 of its ids are eval cases (see README)
+
+
 def amos_splits(tr_ids, va_ids, test, seed):
-    """({train, eval, test}, rule): test = all Va (or an existing test.txt); train/eval = first int(0.9 N) / rest
-    of a seeded permutation of the other Tr ids (240 -> 216/24)."""
+    """({train, eval, test[, labeled/unlabeled 2/5/10 %]}, rule): the original's lists shipped in
+    ``amos_data/splits/`` when every id in them is among the cases (and an existing test.txt equals theirs);
+    otherwise test = all Va (or an existing test.txt) and train/eval = first int(0.9 N) / rest of a seeded
+    permutation of the other Tr ids (240 -> 216/24)."""
+    shipped = shipped_splits("amos_data", set(tr_ids) | set(va_ids), SHIPPED_RATIOS)
+    if shipped is not None and (test is None or sorted(test) == shipped["test"]):
+        return shipped, "the original's split lists (shipped in amos_data/splits/)"
     test = sorted(va_ids) if test is None else test
     pool = permuted(set(tr_ids) - set(test), np.random.default_rng(seed))
     train, evals = head_tail(pool, len(pool) * 9 // 10)

@@ -19,7 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dataset import check_pair
-from utils.io import ConfigError, DataError, cli_main, read_list, read_nifti, save_npy, write_json, write_list
+from utils.io import (ConfigError, DataError, cli_main, describe_error, read_list, read_nifti, remove_stale_tmp,
+                      save_npy, write_json, write_list)
+from utils.task import REPO_ROOT
 from utils.task import get_task
 
 NII = ".nii.gz"
@@ -141,6 +143,20 @@ LABELED_RULE = ("labeled_{p}p = first max(1, int(n*p/100)) of a permutation (def
                 "train ids; unlabeled_{p}p = the rest")
 
 
+def shipped_splits(folder_name, ids, ratios):
+    """The original's split lists shipped in the repository (``<repo>/<folder_name>/splits/*.txt``): {name: ids}
+    for train/eval/test and the labeled/unlabeled pairs of ``ratios`` that exist there, or None unless every listed
+    id is among ``ids`` (other data, e.g. the phantom in the AMOS layout, gets seeded splits)."""
+    folder = os.path.join(REPO_ROOT, folder_name, "splits")
+    names = [n for n in split_names(ratios) if os.path.isfile(os.path.join(folder, f"{n}.txt"))]
+    if not set(BASE_SPLITS) <= set(names):
+        return None
+    lists = {n: read_list(os.path.join(folder, f"{n}.txt")) for n in names}
+    if not set().union(*lists.values()) <= set(ids):
+        return None
+    return lists
+
+
 def split_names(ratios):
     return list(BASE_SPLITS) + [f"{kind}_{p}p" for p in ratios for kind in ("labeled", "unlabeled")]
 
@@ -161,6 +177,7 @@ def plan_splits(splits_dir, make_base, ratios, seed, force):
         splits, base_rule = {n: existing[n] for n in BASE_SPLITS}, None
     elif have in ([], ["test"]):
         splits, base_rule = make_base(existing.get("test"), seed)
+        splits = {n: v for n, v in splits.items() if n in split_names(ratios)}  # only the requested ratios
     else:
         missing = [n for n in BASE_SPLITS if n not in existing]
         raise DataError(f"{splits_dir}: has {' '.join(n + '.txt' for n in have)} but not "
@@ -174,6 +191,9 @@ def plan_splits(splits_dir, make_base, ratios, seed, force):
                             f"{(set(pair) - set(kept)).pop()}.txt; use --force to regenerate the splits")
         if kept:
             splits.update({n: existing[n] for n in kept})
+        elif pair[0] in splits and base_rule is not None:  # the shipped lists come with their labeled pairs
+            rules.update({n: base_rule for n in pair})
+            continue
         else:
             splits.update(labeled_split(splits["train"], p, seed))
         rules.update({n: LABELED_RULE.format(p=p) for n in pair if n not in existing})
@@ -227,13 +247,18 @@ def _existing_ancestor(path):
 
 @contextlib.contextmanager
 def staging_folder(out_dir):
-    """A temporary folder beside (or inside) ``out_dir`` on the same file system, always removed afterwards."""
+    """A temporary folder beside (or inside) ``out_dir`` on the same file system, always removed afterwards.
+    Staging folders of killed runs (``.preprocess-staging-<pid>-*`` whose process is gone) and their ``.tmp-*``
+    files in ``npy/`` and ``splits/`` are removed first."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"{out_dir}: output path exists and is not a folder")
+    parent = _existing_ancestor(os.path.abspath(out_dir))
+    for folder in (parent, os.path.join(out_dir, "npy"), os.path.join(out_dir, "splits")):
+        remove_stale_tmp(folder)
     try:
-        stage = tempfile.mkdtemp(prefix=".preprocess-staging-", dir=_existing_ancestor(os.path.abspath(out_dir)))
+        stage = tempfile.mkdtemp(prefix=f".preprocess-staging-{os.getpid()}-", dir=parent)
     except OSError as e:
-        raise ConfigError(f"{out_dir}: cannot write there ({e.strerror})") from None
+        raise ConfigError(f"{out_dir}: cannot write there ({describe_error(OSError(e.errno, e.strerror))})") from None
     try:
         yield stage
     finally:

@@ -76,8 +76,12 @@ def prepare_label(label, task):
 # ---------------------------------------------------------------------------------------------------------------
 # Per-sample transforms (§3.4) on *prepared* arrays: {"image": float32 (D, H, W), "label": int (D, H, W)}.
 # Offsets and flips consume the numpy global RNG exactly as the original (np.random.randint per axis in D, H, W
-# order, then two np.random.uniform per flip transform), so DataLoader workers seeded by seed_worker draw the
-# same crops as the original for the same seeds. Every transform is a module-level class: picklable for workers.
+# order, then two np.random.uniform per flip transform). Workers seeded by seed_worker take their numpy seed from
+# the loader's base seed, which every epoch's loaders and every validation's eval loader draw from the global torch
+# generator as the original's do; so with the original's loader settings (--num_workers 2, the CUDA default) a
+# seeded run draws the original's crops in every epoch. With --num_workers 0 (the CPU default) the crops come from
+# the main process's numpy stream instead (seeded by --seed) and are not the original's.
+# Every transform is a module-level class: picklable for workers.
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,14 +1,23 @@
-"""Errors, atomic writes, split lists and NIfTI reading shared by every entry point.
+"""Errors, atomic writes, run-folder locks, split lists and NIfTI reading shared by every entry point.
 
-Every output is written to a temporary name in the destination folder and ``os.replace``d, so a killed
-process never leaves a half-written file under the final name.
+Every output is written to a temporary name (``.tmp-<pid>-...``) in the destination folder and ``os.replace``d,
+so a killed process never leaves a half-written file under the final name; the next writer of that folder removes
+temporaries whose process is gone (``remove_stale_tmp``). Environment failures (disk full, read-only or
+non-directory output, out of memory) become one ``error:`` line like bad input (``cli_main``, ``describe_error``).
 """
 import contextlib
+import errno
 import functools
+import gzip
+import io
 import json
 import os
+import re
+import shutil
+import struct
 import sys
 import tempfile
+import zlib
 
 import numpy as np
 
@@ -39,9 +48,11 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # a failed write names the output it was for (file objects do not)
         raise
 
 
@@ -61,10 +72,83 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_bytes(path, data):
+    """The one place bytes reach a file (tests inject ENOSPC here); OSError propagates (see describe_error)."""
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def torch_save(path, obj):
+    """``torch.save`` atomically. Serialised in memory first and written by Python, so a full disk is an OSError
+    (ENOSPC) naming the file, not the zip writer's generic RuntimeError."""
     import torch
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write_bytes(tmp, buffer.getbuffer())
+
+
+_TMP_PID = re.compile(r"^\.(?:tmp|preprocess-staging)-(\d+)-")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder, all_pids=False):
+    """Remove ``.tmp-<pid>-*`` / ``.preprocess-staging-<pid>-*`` left in ``folder`` by killed processes (their
+    pid is gone; ``all_pids``: every one, for folders the caller holds locked). Returns the names removed."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        match = _TMP_PID.match(name)
+        stale = name.startswith((".tmp-", ".preprocess-staging-")) and (
+            all_pids or match is None or (int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1)))))
+        if stale:
+            path = os.path.join(folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            removed.append(name)
+    return removed
+
+
+class FolderLock:
+    """Exclusive ``fcntl.flock`` on ``<folder>/.lock``: one writer per run folder. The kernel drops the lock when
+    the process ends (also after kill -9), so a lock is never stale; ``release`` (or the with-block) frees it."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder, what="run folder"):
+        import fcntl
+        self.path = os.path.join(folder, self.NAME)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(f"{folder}: another process is writing to this {what} (it holds {self.path}); "
+                              "wait for it to finish or choose another --exp") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def read_list(path):
@@ -85,11 +169,66 @@ def write_list(path, ids):
     write_text(path, "".join(f"{i}\n" for i in sorted(ids)))
 
 
+_NIFTI_HEADERS = {  # sizeof_hdr -> (struct format of datatype, bitpix, dim[8], vox_offset; their offsets)
+    348: ("h", 70, "h", 72, "8h", 40, "f", 108),
+    540: ("h", 12, "h", 14, "8q", 16, "q", 168),
+}
+
+
+def _nifti_payload_size(header):
+    """(bytes the header promises: vox_offset + voxels * bitpix / 8) of a NIfTI-1/2 header, or None if unknown."""
+    for order in "<>":
+        if len(header) < 4:
+            return None
+        size = struct.unpack(order + "i", header[:4])[0]
+        layout = _NIFTI_HEADERS.get(size)
+        if layout is None or len(header) < size:
+            continue
+        _, _, f_bitpix, o_bitpix, f_dim, o_dim, f_off, o_off = layout
+        bitpix = struct.unpack_from(order + f_bitpix, header, o_bitpix)[0]
+        dim = struct.unpack_from(order + f_dim, header, o_dim)
+        offset = struct.unpack_from(order + f_off, header, o_off)[0]
+        if not 1 <= dim[0] <= 7 or bitpix <= 0 or min(dim[1:dim[0] + 1]) < 0:
+            return None
+        n = 1
+        for d in dim[1:dim[0] + 1]:
+            n *= d
+        return int(max(offset, size)) + n * bitpix // 8
+    return None
+
+
+def check_nifti_complete(path, chunk=1 << 24):
+    """DataError unless ``path`` holds a complete NIfTI: the whole gzip stream decompresses with a good CRC and
+    the data is at least as long as the header promises. ITK reads a truncated file as zeros without an error."""
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            total = len(header)
+            while True:
+                block = f.read(chunk)
+                if not block:
+                    break
+                total += len(block)
+    except EOFError:
+        raise DataError(f"{path}: unreadable NIfTI (truncated: the gzip stream ends early; copy it again)") from None
+    except (gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: unreadable NIfTI (corrupt gzip data: {e}; copy it again)") from None
+    expected = _nifti_payload_size(header)
+    if expected is None:
+        raise DataError(f"{path}: unreadable NIfTI (not a NIfTI-1/2 header)")
+    if total < expected:
+        raise DataError(f"{path}: unreadable NIfTI (truncated: {total} of {expected} bytes of header + voxel "
+                        "data; copy it again)")
+
+
 def read_nifti(path):
-    """(array in (D, H, W) order, SimpleITK image for its geometry). Unreadable files raise DataError."""
+    """(array in (D, H, W) order, SimpleITK image for its geometry). Missing, truncated, corrupt or otherwise
+    unreadable files raise DataError (checked before ITK, which reads a truncated file as zeros)."""
     import SimpleITK as sitk
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
+    check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -108,9 +247,41 @@ def exp_dir(exp):
     return os.path.join(log_root(), exp)
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "no space left on device: the disk is full; free space and run again",
+    errno.EDQUOT: "disk quota exceeded: the disk is full for this user; free space and run again",
+    errno.EROFS: "read-only file system: choose a writable output folder",
+    errno.EACCES: "permission denied: choose a writable output folder",
+    errno.EPERM: "operation not permitted: choose a writable output folder",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.EISDIR: "is a folder, expected a file",
+    errno.EEXIST: "exists and is not a folder",
+}
+
+
+def describe_error(e):
+    """One line for an environment failure (OSError, out of memory), or None for anything else (a bug)."""
+    if isinstance(e, OSError):
+        where = " -> ".join(os.fspath(p) for p in (e.filename, e.filename2) if p is not None)
+        what = _OS_HINTS.get(e.errno, e.strerror or str(e))
+        return f"{where}: {what}" if where else what
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and is_out_of_memory(e)):
+        return "out of memory"
+    return None
+
+
+def is_out_of_memory(e):
+    """torch's CUDA OutOfMemoryError or a CPU allocator failure (both RuntimeErrors)."""
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text \
+        or isinstance(e, MemoryError)
+
+
 def cli_main(func):
-    """Decorate a command-line ``main``: a DataError/ConfigError becomes one ``error: <message>`` line on stderr
-    and exit code 2 (no traceback); other exceptions are bugs and keep theirs. Returns 0 on success."""
+    """Decorate a command-line ``main``: a DataError/ConfigError, or an environment failure (disk full, read-only
+    or non-directory output: OSError; out of memory), becomes one ``error: <message>`` line on stderr and exit
+    code 2 (no traceback); other exceptions are bugs and keep theirs. Ctrl-C exits 130 with one line. Returns 0 on
+    success."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -118,5 +289,14 @@ def cli_main(func):
         except (DataError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except (OSError, MemoryError, RuntimeError) as e:
+            message = describe_error(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
         return 0 if code is None else code
     return wrapper

@@ -51,13 +51,16 @@ def build_parser(method_cls):
     p.add_argument("-r", "--cps_rampup", action=argparse.BooleanOptionalAction, default=d.get("cps_rampup", False),
                    help="sigmoid ramp-up of w (the original's -r; not 'resume', Q14)")
     p.add_argument("-cr", "--consistency_rampup", type=float, default=None, help="ramp-up length (default E)")
-    p.add_argument("-m", "--mixed_precision", action="store_true",
-                   help="accepted for compatibility: AMP is on wherever CUDA is used (Q3)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="fp16 autocast + GradScaler (default: on for CUDA, off on CPU)")
+    p.add_argument("-m", "--mixed_precision", dest="amp", action="store_const", const=True,
+                   help="the original's flag: same as --amp")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index used when --device is auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--resume", action="store_true", help="continue from logs/<exp>/ckpts/last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in logs/<exp> (its checkpoints, logs and predictions_* are removed); "
+                        "without it a folder holding best_model.pth or last.pth is refused")
     p.add_argument("--n_filters", type=int, default=None, help="VNet width (default from the task config)")
     p.add_argument("--patch_size", type=int, nargs=3, default=None, metavar=("D", "H", "W"))
     p.add_argument("--eval_every", type=int, default=None, help="validation period in epochs (default task's)")
@@ -84,20 +87,32 @@ def resolve_config(method_cls, args):
             raise ConfigError(f"-su is required when -sl is {args.split_labeled!r} (expected labeled_Xp)")
         split_unlabeled = "un" + args.split_labeled
     patch = tuple(args.patch_size or task.patch_size)
-    if any(s % 16 for s in patch):
-        raise ConfigError(f"--patch_size {patch}: every size must be divisible by 16 (VNet downsamples 4 times)")
-    max_epoch = args.max_epoch or default_epochs(task, args.split_labeled)
+    if any(s % 16 or s < 16 for s in patch):
+        raise ConfigError(f"--patch_size {patch}: every size must be a positive multiple of 16 (VNet downsamples "
+                          "4 times)")
+    for flag, value, least in (("-ep/--max_epoch", args.max_epoch, 0), ("--batch_size", args.batch_size, 1),
+                               ("--eval_every", args.eval_every, 1), ("--num_workers", args.num_workers, 0),
+                               ("-cr/--consistency_rampup", args.consistency_rampup, 0),
+                               ("--n_filters", args.n_filters, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: must be >= {least}")
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
+    # "is None", not "or": -ep 0 is one epoch (0..0) and -cr 0 no ramp, as the original
+    max_epoch = default_epochs(task, args.split_labeled) if args.max_epoch is None else args.max_epoch
     device = resolve_device(args.device, args.gpu)
     amp = (device.type == "cuda") if args.amp is None else args.amp
     if amp and device.type != "cuda":
-        raise ConfigError("--amp needs a CUDA device (fp16 autocast); CPU training runs in fp32")
+        raise ConfigError("--amp/-m needs a CUDA device (fp16 autocast); CPU training runs in fp32")
     name = method_name(method_cls)
     exp = args.exp or f"Task_{task.name}_{args.split_labeled.replace('labeled_', '')}/{name}/seed{args.seed}"
     v.update(task=task, method=name, exp=exp, split_unlabeled=split_unlabeled, patch_size=patch,
              max_epoch=max_epoch, device=device, amp=amp, num_cls=task.num_cls,
-             n_filters=args.n_filters or task.n_filters, eval_every=args.eval_every or task.eval_every,
+             n_filters=args.n_filters or task.n_filters,
+             eval_every=task.eval_every if args.eval_every is None else args.eval_every,
              num_workers=(2 if device.type == "cuda" else 0) if args.num_workers is None else args.num_workers,
-             rampup_length=(args.consistency_rampup or max_epoch) if args.cps_rampup else None)
+             rampup_length=(max_epoch if args.consistency_rampup is None else args.consistency_rampup)
+             if args.cps_rampup else None)
     return RunConfig(**v)
 
 
@@ -121,10 +136,14 @@ def library_versions():
     return versions
 
 
-def write_run_json(cfg, method, folder):
-    """run.json beside the checkpoints: method, network, checkpoint layout, every flag, provenance."""
+# run.json entries that must match for --resume: they fix what last.pth and best_model.pth contain
+RESUME_KEYS = ("method", "task", "network", "checkpoint_keys")
+
+
+def run_record(cfg, method):
+    """The content of run.json: method, network, checkpoint layout, every flag, provenance."""
     net = next(iter(method.nets.values()))
-    write_json(os.path.join(folder, "run.json"), {
+    return {
         "method": cfg.method, "task": cfg.task.name, "exp": cfg.exp, "seed": cfg.seed,
         "network": {"name": method.network, "n_channels": cfg.task.num_channels, "n_classes": cfg.num_cls,
                     "n_filters": cfg.n_filters, "normalization": getattr(net, "normalization", "batchnorm")},
@@ -133,4 +152,22 @@ def write_run_json(cfg, method, folder):
         "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(cfg).items() if k != "task"},
         "task_config": {f.name: (dict(getattr(cfg.task, f.name)) if f.name == "epochs" else getattr(cfg.task, f.name))
                         for f in dataclasses.fields(cfg.task)},
-        "git_commit": git_commit(), "versions": library_versions(), "device": str(cfg.device)})
+        "git_commit": git_commit(), "versions": library_versions(), "device": str(cfg.device)}
+
+
+def resume_mismatch(old, new):
+    """One line naming the first RESUME_KEYS entry where the stored run.json ``old`` differs from ``new``."""
+    for key in RESUME_KEYS:
+        a, b = old.get(key), new.get(key)
+        if key == "network" and isinstance(a, dict) and isinstance(b, dict):
+            diff = [f"{k} {a.get(k)!r} (now {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            if diff:
+                return "network " + ", ".join(diff)
+        elif a != b:
+            return f"{key} {a!r} (now {b!r})"
+    return None
+
+
+def write_run_json(cfg, method, folder):
+    """run.json beside the checkpoints (``run_record``)."""
+    write_json(os.path.join(folder, "run.json"), run_record(cfg, method))
