@@ -151,7 +151,8 @@ def test_select_nets(cps, keys):
 def test_exp_name_rules(tmp_path, monkeypatch, exp, name):
     monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path))
     spec, keys, patch = cli.read_run_config(get_task("synapse"), exp)
-    assert spec == {"name": name, "n_channels": 1, "n_classes": 14, "n_filters": 32, "normalization": "batchnorm"}
+    width = 16 if name == "unet_3D_ds" else 32  # the original builds URPC's U-Net at 16 filters on every task
+    assert spec == {"name": name, "n_channels": 1, "n_classes": 14, "n_filters": width, "normalization": "batchnorm"}
     assert keys is None and patch == (64, 128, 128)
 
 
