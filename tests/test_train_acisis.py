@@ -190,3 +190,14 @@ def test_state_round_trip_and_per_sample_option():
         assert torch.equal(got, value) if torch.is_tensor(value) else got == value, key
     assert all(torch.equal(a, b) for a, b in zip(other.teacher.state_dict().values(),
                                                  method.teacher.state_dict().values()))
+
+
+def test_rates_update_once_per_engine_epoch(tiny_data):
+    """Through the engine: update_iter equals the iterations per epoch, so every epoch ends with a rate update."""
+    from conftest import FAST
+    engine.run(ACISIS, FAST + ["--exp", "acisis_rates", "-ep", "1", "--eval_every", "5"])
+    state = torch.load(tiny_data / "logs" / "acisis_rates" / "ckpts" / "last.pth", weights_only=False)["method"]
+    confs = state["confidence_array"]
+    assert confs["update_iter"] == 2 and confs["cur_iter"] == 0  # 4 unlabeled cases / batch 2; reset at the end
+    assert (confs["cc"] > 0).all() and confs["rate"].max().item() == pytest.approx(1, abs=1e-6)
+    assert (confs["rate"] < 1).any()  # two updates (epochs 0 and 1) moved the rates off their initial ones
