@@ -52,7 +52,7 @@ class FeatureMemory:
                 score = torch.sigmoid(getattr(model, f"contrastive_class_selector_{c}")(feats))[:, 0]
                 feats = feats[torch.sort(score, descending=self.keep == "highest").indices[:self.elements_per_class]]
             if feats.shape[0] > 0:
-                self.memory[c] = feats
+                self.memory[c] = feats.clone()  # own storage: not a view of this batch's rows (size of last.pth)
 
 
 def contrastive_class_to_class_learned_memory(model, features, labels, num_classes, memory,

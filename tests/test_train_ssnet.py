@@ -76,6 +76,7 @@ def test_memory_keeps_the_32_lowest_scored_features_and_replaces_entries():
     order = torch.sort(score).indices  # ascending: the original keeps the *lowest* 32 despite its comment
     assert memory.memory[0] is None
     assert torch.equal(memory.memory[1], feats[labels == 1])  # <= 32 features: all of them, in order
+    assert memory.memory[1].untyped_storage().nbytes() == 5 * 8 * 4  # its own storage, not a view of the batch
     assert torch.equal(memory.memory[2], feats[labels == 2][order[:32]])
     assert score[order[:32]].max() < score[order[32:]].min()
     # the ranking ran in train mode: the class-2 selector's BN counted one batch, class 1's none
