@@ -48,7 +48,7 @@ def check_patch(patch_size, feature_size=None):
 
 
 class EPA(nn.Module):
-    """Efficient paired attention on tokens [B, N, C] (docs/methods.md#dhc_unetrpp, eq. EPA).
+    """Efficient paired attention on tokens [B, N, C] (docs/methods.md#dhc_unetrpp, (epa-1)-(epa-3)).
 
     ``qkvv`` gives q, k, v_CA, v_SA (that order), each [B, h, dh, N]. Channel branch:
     softmax(q̂ k̂ᵀ · τ₁) v_CA with q̂, k̂ L2-normalised over the tokens. Spatial branch:
