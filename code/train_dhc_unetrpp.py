@@ -8,6 +8,8 @@ kaiming on their Conv3d weights (the transposed convolutions, Linears, positiona
 network's own init), patch 64×128×128 on the real tasks. The patch must have every axis a multiple of 32 (the
 phantom's default 16×48×48 does not: pass e.g. ``--patch_size 32 64 64``).
 """
+import argparse
+
 from engine import run
 from train_dhc import DHC
 
@@ -23,7 +25,7 @@ class DHCUnetrPP(DHC):
     def add_args(cls, parser):
         super().add_args(parser)
         parser.set_defaults(no_flip=cls.defaults["no_flip"])  # the shared --no_flip is a plain store_true
-        parser.add_argument("--flip", dest="no_flip", action="store_false",
+        parser.add_argument("--flip", dest="no_flip", action="store_false", default=argparse.SUPPRESS,
                             help="train with HEAD's random flips (the original's UNETR++ script has none)")
 
 
