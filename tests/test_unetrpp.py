@@ -12,10 +12,12 @@ from conftest import FAST
 from models import build_network
 from models.unetrpp import EPA
 from test_methods_common import EXTRA_FLAGS, make_method
+from test_test_script import cli
 from train_dhc import DHC
 from train_dhc_unetrpp import DHCUnetrPP
 from utils.io import ConfigError
 from utils.runinfo import build_parser
+from utils.task import get_task
 
 # [key, shape] of every entry of the original's UNETR_PP(in_channels=1, out_channels=14, feature_size=32,
 # hidden_size=512, dims=[64, 128, 256, 512]) state dict, in order (its released configuration).
@@ -160,3 +162,22 @@ def test_no_flips_by_default_and_dhc_otherwise_unchanged():
     ours, dhc = parse(DHCUnetrPP), parse(DHC)
     assert (ours.base_lr, ours.cps_w, ours.cps_rampup) == (dhc.base_lr, dhc.cps_w, dhc.cps_rampup) == (3e-2, 0.1, True)
     assert DHCUnetrPP.training_step is DHC.training_step and DHCUnetrPP.network == "UNETR_PP"
+
+
+def test_test_script_rebuilds_unetrpp_with_the_runs_patch(tmp_path, monkeypatch):
+    """run.json's network and patch (not the task's 16×48×48, which UNETR_PP cannot take) rebuild the net."""
+    monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path))
+    torch.manual_seed(0)
+    net = build_network("UNETR_PP", 1, 14, 4, patch_size=(32, 32, 32))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "run.json").write_text(json.dumps({
+        "task": "phantom", "network": {"name": "UNETR_PP", "n_channels": 1, "n_classes": 14, "n_filters": 4,
+                                       "normalization": "batchnorm"},
+        "checkpoint_keys": ["A", "B"], "patch_size": [32, 32, 32]}))
+    spec, keys, patch = cli.read_run_config(get_task("phantom"), "exp")
+    assert spec["name"] == "UNETR_PP" and keys == ["A", "B"] and patch == (32, 32, 32)
+    loaded = cli.load_net(dict(spec, patch_size=patch), net.state_dict(), "best_model.pth['A']", "cpu")
+    assert loaded.patch_size == (32, 32, 32) and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+    with pytest.raises(ConfigError, match=r"patch \(16, 48, 48\)"):
+        cli.load_net(dict(spec, patch_size=(16, 48, 48)), net.state_dict(), "x", "cpu")
