@@ -69,7 +69,7 @@ class DePL(CoTraining):
         loss_cps = 0
         for k, z in logits.items():
             target, mask = labels[PEER[k]]
-            loss_cps = loss_cps + self.cross_ce(self.marginal_logits(z, k, n), target, weight_map=mask)
+            loss_cps = loss_cps + self.cross_ce(self.marginal_logits(z, k, n), target, weight_map=mask)  # (depl-4)
         return {"loss": loss_sup + step.unsup_w * loss_cps, "sup": loss_sup, "cps": loss_cps}
 
     def marginal_logits(self, logits, net, n):
