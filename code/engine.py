@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from utils import ramps
+from utils import distributed, ramps
 from utils.device import place_module
 from utils.io import (ConfigError, DataError, FolderLock, describe_error, exp_dir, is_out_of_memory, read_list,
                       remove_stale_tmp, torch_save, write_json)
@@ -51,6 +51,7 @@ class Method:
     defaults = {}             # CLI default overrides for this method (e.g. base_lr, cps_w)
 
     has_dropout = True        # the original trains every VNet with Dropout3d on
+    ddp_find_unused = False   # under torchrun: DDP's find_unused_parameters (nets with parameters a step leaves out)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -109,8 +110,12 @@ class Method:
 
 def is_main_process():
     """The one place that decides who logs and writes files (rank 0 under torchrun)."""
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-        or torch.distributed.get_rank() == 0
+    return distributed.is_main()
+
+
+def rank_seed(seed, rank):
+    """The data/dropout seed of one rank under torchrun (rank 0 of a multi-process run included)."""
+    return seed + 100003 * rank
 
 
 def seed_everything(seed, deterministic=False):
@@ -138,12 +143,20 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_loader(dataset, cfg, method, shuffle=True):
-    """Training loaders are built here only (a DistributedSampler would go here)."""
+def make_loader(dataset, cfg, method, shuffle=True, epoch=0, stream=0):
+    """Training loaders are built here only. Under torchrun with several processes each rank reads its own share
+    through a DistributedSampler (shuffled from ``--seed`` + ``stream`` and the epoch, so labeled and unlabeled
+    orders are independent); at world size 1 the stream is the plain run's RandomSampler."""
     from data.dataset import seed_worker
+    sampler = None
+    if distributed.world_size() > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=cfg.seed + stream,
+                                                      drop_last=method.drop_last)
+        sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=shuffle, num_workers=cfg.num_workers,
-        pin_memory=cfg.device.type == "cuda", worker_init_fn=seed_worker, drop_last=method.drop_last)
+        dataset, batch_size=cfg.batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+        num_workers=cfg.num_workers, pin_memory=cfg.device.type == "cuda", worker_init_fn=seed_worker,
+        drop_last=method.drop_last)
 
 
 def build_datasets(cfg, method):
@@ -205,17 +218,19 @@ def fmt_vector(t):
                            suppress_small=True, max_line_width=200)
 
 
-def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step):
+def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None):
     """One iteration: zero grads, ``training_step`` under autocast, scaled backward, step every optimiser,
     ``after_optimizer_step``. Returns the method's outputs, or None when the loss is not finite (step skipped).
 
     Under AMP a non-finite step still goes through the GradScaler as in the original (backward, ``scaler.step``
-    finds the inf/NaN gradients and skips, ``scaler.update`` halves the scale); in fp32 nothing is stepped."""
+    finds the inf/NaN gradients and skips, ``scaler.update`` halves the scale); in fp32 nothing is stepped.
+    ``ddp``: the DistributedDataParallel wrappers of the nets (torchrun), used by ``training_step`` only; a step is
+    skipped on every rank when the loss of any rank is not finite."""
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
-    with torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
+    with distributed.ddp_nets(method, ddp), torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
         out = method.training_step(x_l, y_l, x_u, step)
-    if not torch.isfinite(out["loss"]):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
+    if not distributed.all_true(torch.isfinite(out["loss"]), cfg.device):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
         if scaler.is_enabled() and out["loss"].requires_grad:
             scaler.scale(out["loss"]).backward()
             for opt in optimizers.values():
@@ -254,9 +269,13 @@ class Trainer:
         self.folder = exp_dir(cfg.exp)
         seed_everything(cfg.seed, cfg.deterministic)
         self.labeled, self.unlabeled, self.eval_ds = build_datasets(cfg, method_cls)
-        self.method = method_cls(cfg)
+        self.method = method_cls(cfg)  # built from --seed: every rank holds the same nets and teachers
         for module in (*self.method.nets.values(), *self.method.aux.values()):
             place_module(module, cfg.device)
+        self.ddp = distributed.wrap_nets(self.method, cfg.device, method_cls.ddp_find_unused,
+                                         getattr(cfg, "sync_bn", False))
+        if self.ddp:  # own data order, crops, flips and dropout masks per rank
+            seed_everything(rank_seed(cfg.seed, distributed.rank()), cfg.deterministic)
         self.optimizers = make_optimizers(self.method, cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
         # -1, not the original's 0: an all-zero first validation still writes best_model.pth (test.py needs it)
@@ -278,6 +297,7 @@ class Trainer:
             "nets": {k: n.state_dict() for k, n in self.method.nets.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(), "rng": rng_state(),
+            "rng_ranks": distributed.gather_objects(rng_state()) if self.ddp else None,
             "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row})
 
     def resume(self):
@@ -307,7 +327,14 @@ class Trainer:
                 opt.load_state_dict(state["optimizers"][k])
             self.scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state["method"])
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            if self.ddp and ranks and len(ranks) == distributed.world_size():
+                set_rng_state(ranks[distributed.rank()])
+            elif not self.ddp:
+                set_rng_state(state["rng"])
+            else:  # another world size: fresh per-rank streams
+                self._notes.append(f"resumed with {distributed.world_size()} processes from a run with "
+                                   f"{len(ranks or [0])}: data order and augmentation streams restart")
             self.start_epoch = state["epoch"] + 1
             self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
             self.nonfinite_total = state["nonfinite_total"]
@@ -347,8 +374,14 @@ class Trainer:
         """Log file, TensorBoard and checkpoints are written by the main process only (DDP-ready)."""
         from torch.utils.tensorboard import SummaryWriter
         self.writes_files = is_main_process()
+        error = None
         if self.writes_files:
-            self._claim_folder()
+            try:
+                self._claim_folder()
+            except (DataError, ConfigError, OSError) as e:
+                error = e
+        if not distributed.all_true(error is None, self.cfg.device):  # every rank stops when rank 0 cannot write
+            raise error or ConfigError(f"{self.folder}: rank 0 could not claim the run folder (its error above)")
         if self.cfg.resume:
             self.resume()
         if self.writes_files:
@@ -365,16 +398,16 @@ class Trainer:
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group["lr"] = lr
-        labeled = make_loader(self.labeled, cfg, method)
-        batches = (zip(labeled, make_loader(self.unlabeled, cfg, method)) if self.unlabeled is not None
-                   else ((b, None) for b in labeled))
+        labeled = make_loader(self.labeled, cfg, method, epoch=epoch)
+        batches = (zip(labeled, make_loader(self.unlabeled, cfg, method, epoch=epoch, stream=1))
+                   if self.unlabeled is not None else ((b, None) for b in labeled))
         sums, n_it = {}, 0
         for it, (lab, unlab) in enumerate(batches):
             step = Step(epoch, it, epoch * len(labeled) + it, lr, unsup_w)
             x_l = lab["image"].to(cfg.device, non_blocking=True)
             y_l = lab["label"].to(cfg.device, non_blocking=True).unsqueeze(1)  # [B,1,D,H,W] (fetch_data)
             x_u = None if unlab is None else unlab["image"].to(cfg.device, non_blocking=True)
-            out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step)
+            out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step, self.ddp)
             if out is None:
                 self.nonfinite_total += 1
                 self.nonfinite_row += 1
@@ -388,7 +421,17 @@ class Trainer:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             n_it += 1
+        if self.ddp and sums:  # the logged means are over every rank's iterations
+            keys = sorted(sums)
+            total = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]))
+            sums = dict(zip(keys, total))
         return {k: (v / max(n_it, 1)).item() for k, v in sums.items()}
+
+    def sync_ranks(self):
+        """After an epoch: every rank takes rank 0's BatchNorm statistics (each rank's last forward updated its
+        own) and teachers, so validation, checkpoints and a resumed run see one state."""
+        for module in (*self.method.nets.values(), *self.method.aux.values()):
+            distributed.sync_module_state(module)
 
     def log_epoch(self, epoch, lr, unsup_w, means, extra):
         w = self.writer
@@ -415,6 +458,8 @@ class Trainer:
         cfg = self.cfg
         if epoch % cfg.eval_every != 0:
             return False
+        if not self.writes_files:  # under torchrun rank 0 validates alone; the others take its verdict
+            return self._share_validation(False)
         per_class = validate(self.method, self.eval_ds, cfg.num_cls, cfg.device)
         mean = float(per_class.mean())
         names = cfg.task.class_names
@@ -429,7 +474,16 @@ class Trainer:
         stop = self.method.early_stop and epoch - self.best_epoch == cfg.task.early_stop_patience
         if stop:
             log.info("early stop: no improvement for %d epochs", cfg.task.early_stop_patience)
-        return stop
+        return self._share_validation(stop)
+
+    def _share_validation(self, stop):
+        """Rank 0's best Dice, best epoch and early-stop decision on every rank (no-op in one process)."""
+        if not self.ddp:
+            return stop
+        shared = distributed.broadcast(torch.tensor([self.best_dice, self.best_epoch, float(stop)],
+                                                    dtype=torch.float64, device=self.cfg.device))
+        self.best_dice, self.best_epoch = float(shared[0]), int(shared[1])
+        return bool(shared[2])
 
     def fit(self):
         try:
@@ -459,12 +513,19 @@ class Trainer:
             unsup_w = ramps.unsup_weight_at_epoch(epoch, cfg.cps_w, cfg.rampup_length)
             means = self.train_epoch(epoch, lr, unsup_w)
             self.log_epoch(epoch, lr, unsup_w, means, self.method.on_epoch_end(epoch))
+            if self.ddp:
+                self.sync_ranks()
             stop = self.maybe_validate(epoch)
             self.save_last(epoch)
             bar.set_postfix(loss=f"{means.get('loss', float('nan')):.3f}", best=f"{self.best_dice:.3f}")
-            if stop:
+            if stop or os.environ.get("DHC_STOP_AFTER_EPOCH") == str(epoch):  # the latter: tests of --resume
                 break
         self.writer.close()
+        if os.environ.get("DHC_DDP_DUMP"):  # tests: every rank's final nets and method state, to compare ranks
+            torch_save(os.path.join(os.environ["DHC_DDP_DUMP"], f"rank{distributed.rank()}.pth"),
+                       {"nets": {k: n.state_dict() for k, n in self.method.nets.items()},
+                        "aux": {k: m.state_dict() for k, m in self.method.aux.items()},
+                        "method": self.method.state_dict()})
         if self.nonfinite_total:
             log.warning("%d iterations skipped for non-finite losses", self.nonfinite_total)
         log.info("done: best mean dice %.4f at epoch %d; checkpoint %s", self.best_dice, self.best_epoch,
@@ -486,7 +547,11 @@ def run(method_cls, argv=None):
     cfg = None
     try:
         cfg = resolve_config(method_cls, build_parser(method_cls).parse_args(argv))
-        return Trainer(method_cls, cfg).fit()
+        distributed.init_from_env(cfg.device)  # torchrun: gloo on CPU, NCCL on CUDA
+        try:
+            return Trainer(method_cls, cfg).fit()
+        finally:
+            distributed.shutdown()
     except (DataError, ConfigError, FloatingPointError) as e:
         message = str(e)
     except (OSError, MemoryError, RuntimeError) as e:

@@ -10,6 +10,7 @@ import torch
 
 from cotraining import CoTraining
 from engine import run
+from utils.distributed import all_reduce_sum
 from utils.loss import hard_dice
 from utils.ramps import ema
 
@@ -46,7 +47,7 @@ class DistDW:
     def get_ema_weights(self, logits):
         """(D4) from the argmax of ``logits`` [B, C, D, H, W] (detached), counted on the logits' device."""
         pseudo = logits.detach().argmax(1)
-        counts = torch.bincount(pseudo.flatten(), minlength=self.num_cls)
+        counts = all_reduce_sum(torch.bincount(pseudo.flatten(), minlength=self.num_cls))  # over ranks (torchrun)
         self.weights = ema(self._cal_weights(counts), self.weights.to(logits.device), self.momentum)
         return self.weights
 
@@ -75,7 +76,8 @@ class DiffDW:
         """(F1)-(F8) from A's labeled logits [B, C, ...] (detached) and the ground truth [B, 1, ...] or [B, ...]."""
         dev = logits.device
         pred = logits.detach().argmax(1)
-        dice = hard_dice(pred, label.reshape(pred.shape), self.num_cls, do_bg=True).float()  # (F1), batch dice
+        dice = hard_dice(pred, label.reshape(pred.shape), self.num_cls, do_bg=True,  # (F1), batch dice
+                         reduce=all_reduce_sum).float()  # torchrun: counts of every rank's batch
         prev = self.dice_prev.to(dev)
         delta, log_ratio = dice - prev, torch.log(dice / prev)                    # (F2)
         zero = torch.zeros_like(dice)

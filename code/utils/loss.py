@@ -205,12 +205,13 @@ def make_loss_function(name, weight=None):
     return makers[name]()
 
 
-def hard_dice(pred, gt, num_cls, do_bg=False, smooth=1e-8):
+def hard_dice(pred, gt, num_cls, do_bg=False, smooth=1e-8, reduce=None):
     """Dice of hard label maps, summed over all given voxels: ``(2TP + s) / (2TP + FP + FN + s + 1e-8)``.
 
     pred, gt: integer tensors of one shape (one volume for the per-volume validation metric, Q35; a batch for
     DiffDW's batch Dice, methods/dhc.md §4.2). Returns a float32 tensor of length C (do_bg) or C - 1 on pred's
     device. Equals the original's SoftDiceLoss(smooth=1e-8) on one-hots: a class absent from both scores 0.5.
+    ``reduce`` (e.g. ``utils.distributed.all_reduce_sum``) combines the per-class counts before the division.
     Counts are exact integers (one-hot products are exact in fp32 below 2^24 voxels, as in the original).
     """
     if pred.shape != gt.shape:
@@ -223,6 +224,8 @@ def hard_dice(pred, gt, num_cls, do_bg=False, smooth=1e-8):
     ones = torch.ones_like(pred)
     tp = count(gt, (pred == gt).long()).float()
     sizes = (count(pred, ones) + count(gt, ones)).float()  # = 2TP + FP + FN
+    if reduce is not None:
+        tp, sizes = reduce(torch.stack([tp, sizes])).unbind(0)
     dc = (2 * tp + smooth) / (sizes + smooth + 1e-8)
     return dc if do_bg else dc[1:]
 

@@ -66,6 +66,9 @@ def build_parser(method_cls):
     p.add_argument("--eval_every", type=int, default=None, help="validation period in epochs (default task's)")
     p.add_argument("--no_flip", action="store_true", help="train without flips, like the 2023 code (Q26)")
     p.add_argument("--deterministic", action="store_true", help="deterministic cuDNN/algorithms (Q37)")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm); "
+                        "default: per-rank statistics, as one GPU of the original sees its own 2 + 2 patches")
     method_cls.add_args(p)
     return p
 
@@ -101,13 +104,18 @@ def resolve_config(method_cls, args):
     # "is None", not "or": -ep 0 is one epoch (0..0) and -cr 0 no ramp, as the original
     max_epoch = default_epochs(task, args.split_labeled) if args.max_epoch is None else args.max_epoch
     device = resolve_device(args.device, args.gpu)
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1  # torchrun's environment
+    if "RANK" in os.environ and device.type == "cuda":  # one GPU per rank: cuda:LOCAL_RANK of the visible ones
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if args.sync_bn and (device.type != "cuda" or world_size == 1):
+        raise ConfigError("--sync_bn needs torchrun with several processes on CUDA devices (SyncBatchNorm)")
     amp = (device.type == "cuda") if args.amp is None else args.amp
     if amp and device.type != "cuda":
         raise ConfigError("--amp/-m needs a CUDA device (fp16 autocast); CPU training runs in fp32")
     name = method_name(method_cls)
     exp = args.exp or f"Task_{task.name}_{args.split_labeled.replace('labeled_', '')}/{name}/seed{args.seed}"
     v.update(task=task, method=name, exp=exp, split_unlabeled=split_unlabeled, patch_size=patch,
-             max_epoch=max_epoch, device=device, amp=amp, num_cls=task.num_cls,
+             max_epoch=max_epoch, device=device, amp=amp, num_cls=task.num_cls, world_size=world_size,
              n_filters=args.n_filters or task.n_filters,
              eval_every=task.eval_every if args.eval_every is None else args.eval_every,
              num_workers=(2 if device.type == "cuda" else 0) if args.num_workers is None else args.num_workers,
@@ -149,6 +157,10 @@ def run_record(cfg, method):
                     "n_filters": cfg.n_filters, "normalization": getattr(net, "normalization", "batchnorm")},
         "checkpoint_keys": None if method.bare_checkpoint else sorted(method.nets),
         "patch_size": list(cfg.patch_size),
+        # torchrun: --batch_size labeled + unlabeled patches per process, so the global batch grows with the ranks
+        "world_size": getattr(cfg, "world_size", 1),
+        "global_batch": {"labeled": cfg.batch_size * getattr(cfg, "world_size", 1),
+                         "unlabeled": cfg.batch_size * getattr(cfg, "world_size", 1) if method.uses_unlabeled else 0},
         "args": {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(cfg).items() if k != "task"},
         "task_config": {f.name: (dict(getattr(cfg.task, f.name)) if f.name == "epochs" else getattr(cfg.task, f.name))
                         for f in dataclasses.fields(cfg.task)},

@@ -1,0 +1,102 @@
+"""Training and inference under torchrun (DistributedDataParallel, gloo on CPU): the engine's DDP path, the
+reduction helpers, and every method under 2 processes. Each run is a real ``torchrun`` subprocess of 1 thread per
+rank on the tiny data (2 labeled + 4 unlabeled cases, batch 2 + 2: one iteration per rank and epoch)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import FAST, METHODS, REPO
+
+PY = sys.executable
+EXTRA = {"adsh": ["--bank_size", "4"]}  # a bank small enough to fill on tiny data
+
+
+def _env(tiny, **extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.path.join(REPO, "code"))
+    env.update(DHC_PHANTOM_DATA=str(tiny / "data"), DHC_LOG_ROOT=str(tiny / "logs"), **extra)
+    return env
+
+
+def torchrun(tiny, nproc, script, args, dump=None, check=True, **env):
+    """``python -m torch.distributed.run --standalone --nproc_per_node nproc code/<script> args``."""
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(REPO, "code", script), *args]
+    env = _env(tiny, **({"DHC_DDP_DUMP": str(dump)} if dump else {}), **env)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def plain(tiny, script, args, dump=None):
+    env = _env(tiny, **({"DHC_DDP_DUMP": str(dump)} if dump else {}))
+    proc = subprocess.run([PY, os.path.join(REPO, "code", script), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def train_args(method, exp, epochs=1, *extra):
+    return [*FAST, "--exp", exp, "-ep", str(epochs), *EXTRA.get(method, []), *extra]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def flat(obj, prefix=""):
+    """{dotted key: tensor} of nested dicts/lists of tensors (other leaves ignored)."""
+    out = {}
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat(v, f"{prefix}.{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flat(v, f"{prefix}.{i}"))
+    return out
+
+
+def assert_same(a, b, what):
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys(), what
+    for key in fa:
+        assert torch.equal(fa[key], fb[key]), f"{what}: {key} differs"
+
+
+# ----------------------------------------------------------------------------------------------- engine under torchrun
+
+
+def test_one_process_torchrun_is_the_plain_run(tiny_data):
+    """torchrun --nproc_per_node 1 keeps the plain run's random stream: bit-identical nets and method state."""
+    plain(tiny_data, "train_dhc.py", train_args("dhc", "plain", 1))
+    torchrun(tiny_data, 1, "train_dhc.py", train_args("dhc", "tr1", 1))
+    a, b = (load(tiny_data / "logs" / e / "ckpts" / "last.pth") for e in ("plain", "tr1"))
+    assert_same(a["nets"], b["nets"], "nets")
+    assert_same(a["method"], b["method"], "method state")
+    assert flat(a["nets"])  # something was compared
+
+
+def test_two_ranks_dhc_identical_and_resumable(tiny_data):
+    """2 ranks, 2 epochs: the ranks end with identical nets and class weights; a run stopped after epoch 0 and
+    resumed equals the uninterrupted one; best_model.pth has the original's {A, B} layout and test.py reads it."""
+    dump = tiny_data / "dump"
+    proc = torchrun(tiny_data, 2, "train_dhc.py", train_args("dhc", "ddp", 1), dump=dump)
+    r0, r1 = load(dump / "rank0.pth"), load(dump / "rank1.pth")
+    assert_same(r0, r1, "rank 0 vs rank 1")
+    run = __import__("json").loads((tiny_data / "logs" / "ddp" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["global_batch"] == {"labeled": 4, "unlabeled": 4}
+    best = load(tiny_data / "logs" / "ddp" / "ckpts" / "best_model.pth")
+    assert sorted(best) == ["A", "B"] and not any(k.startswith("module.") for k in best["A"])
+    # the same run in two goes: stopped after epoch 0, then --resume for epoch 1
+    torchrun(tiny_data, 2, "train_dhc.py", train_args("dhc", "two_goes", 1), DHC_STOP_AFTER_EPOCH="0")
+    torchrun(tiny_data, 2, "train_dhc.py", train_args("dhc", "two_goes", 1, "--resume"))
+    a, b = (load(tiny_data / "logs" / e / "ckpts" / "last.pth") for e in ("ddp", "two_goes"))
+    assert_same(a["nets"], b["nets"], "resumed nets")
+    assert_same(a["method"], b["method"], "resumed method state")
+    assert "train.log" not in os.listdir(tiny_data / "logs" / "ddp" / "ckpts")
+    assert proc.stdout.count("validation epoch 0") == 1  # rank 0 alone validates and logs
