@@ -52,6 +52,7 @@ class Method:
 
     has_dropout = True        # the original trains every VNet with Dropout3d on
     ddp_find_unused = False   # under torchrun: DDP's find_unused_parameters (nets with parameters a step leaves out)
+    ddp_by_hand = False       # under torchrun: no DDP wrapper, gradients averaged after backward (steps DDP can't follow)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -218,14 +219,15 @@ def fmt_vector(t):
                            suppress_small=True, max_line_width=200)
 
 
-def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None):
+def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None, average=False):
     """One iteration: zero grads, ``training_step`` under autocast, scaled backward, step every optimiser,
     ``after_optimizer_step``. Returns the method's outputs, or None when the loss is not finite (step skipped).
 
     Under AMP a non-finite step still goes through the GradScaler as in the original (backward, ``scaler.step``
     finds the inf/NaN gradients and skips, ``scaler.update`` halves the scale); in fp32 nothing is stepped.
-    ``ddp``: the DistributedDataParallel wrappers of the nets (torchrun), used by ``training_step`` only; a step is
-    skipped on every rank when the loss of any rank is not finite."""
+    ``ddp``: the DistributedDataParallel wrappers of the nets (torchrun), used by ``training_step`` only;
+    ``average``: torchrun without wrappers, gradients averaged over ranks after backward. A step is skipped on
+    every rank when the loss of any rank is not finite."""
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     with distributed.ddp_nets(method, ddp), torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
@@ -233,6 +235,8 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
     if not distributed.all_true(torch.isfinite(out["loss"]), cfg.device):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
         if scaler.is_enabled() and out["loss"].requires_grad:
             scaler.scale(out["loss"]).backward()
+            if average:
+                distributed.average_gradients(method.nets.values())
             for opt in optimizers.values():
                 scaler.step(opt)
             scaler.update()
@@ -240,6 +244,8 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
             opt.zero_grad(set_to_none=True)
         return None
     scaler.scale(out["loss"]).backward()
+    if average:
+        distributed.average_gradients(method.nets.values())
     for opt in optimizers.values():
         scaler.step(opt)
     scaler.update()
@@ -272,9 +278,10 @@ class Trainer:
         self.method = method_cls(cfg)  # built from --seed: every rank holds the same nets and teachers
         for module in (*self.method.nets.values(), *self.method.aux.values()):
             place_module(module, cfg.device)
+        self.multi = distributed.world_size() > 1  # torchrun with several processes
         self.ddp = distributed.wrap_nets(self.method, cfg.device, method_cls.ddp_find_unused,
-                                         getattr(cfg, "sync_bn", False))
-        if self.ddp:  # own data order, crops, flips and dropout masks per rank
+                                         getattr(cfg, "sync_bn", False), method_cls.ddp_by_hand)
+        if self.multi:  # own data order, crops, flips and dropout masks per rank
             seed_everything(rank_seed(cfg.seed, distributed.rank()), cfg.deterministic)
         self.optimizers = make_optimizers(self.method, cfg.base_lr)
         self.scaler = torch.amp.GradScaler(cfg.device.type, enabled=cfg.amp)
@@ -297,7 +304,7 @@ class Trainer:
             "nets": {k: n.state_dict() for k, n in self.method.nets.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(), "rng": rng_state(),
-            "rng_ranks": distributed.gather_objects(rng_state()) if self.ddp else None,
+            "rng_ranks": distributed.gather_objects(rng_state()) if self.multi else None,
             "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row})
 
     def resume(self):
@@ -328,9 +335,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state["method"])
             ranks = state.get("rng_ranks")
-            if self.ddp and ranks and len(ranks) == distributed.world_size():
+            if self.multi and ranks and len(ranks) == distributed.world_size():
                 set_rng_state(ranks[distributed.rank()])
-            elif not self.ddp:
+            elif not self.multi:
                 set_rng_state(state["rng"])
             else:  # another world size: fresh per-rank streams
                 self._notes.append(f"resumed with {distributed.world_size()} processes from a run with "
@@ -407,7 +414,8 @@ class Trainer:
             x_l = lab["image"].to(cfg.device, non_blocking=True)
             y_l = lab["label"].to(cfg.device, non_blocking=True).unsqueeze(1)  # [B,1,D,H,W] (fetch_data)
             x_u = None if unlab is None else unlab["image"].to(cfg.device, non_blocking=True)
-            out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step, self.ddp)
+            out = optimize_step(method, self.optimizers, self.scaler, cfg, x_l, y_l, x_u, step, self.ddp,
+                                average=self.multi and not self.ddp)
             if out is None:
                 self.nonfinite_total += 1
                 self.nonfinite_row += 1
@@ -421,7 +429,7 @@ class Trainer:
             for key, value in out.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
             n_it += 1
-        if self.ddp and sums:  # the logged means are over every rank's iterations
+        if self.multi and sums:  # the logged means are over every rank's iterations
             keys = sorted(sums)
             total = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]))
             sums = dict(zip(keys, total))
@@ -478,7 +486,7 @@ class Trainer:
 
     def _share_validation(self, stop):
         """Rank 0's best Dice, best epoch and early-stop decision on every rank (no-op in one process)."""
-        if not self.ddp:
+        if not self.multi:
             return stop
         shared = distributed.broadcast(torch.tensor([self.best_dice, self.best_epoch, float(stop)],
                                                     dtype=torch.float64, device=self.cfg.device))
@@ -513,7 +521,7 @@ class Trainer:
             unsup_w = ramps.unsup_weight_at_epoch(epoch, cfg.cps_w, cfg.rampup_length)
             means = self.train_epoch(epoch, lr, unsup_w)
             self.log_epoch(epoch, lr, unsup_w, means, self.method.on_epoch_end(epoch))
-            if self.ddp:
+            if self.multi:
                 self.sync_ranks()
             stop = self.maybe_validate(epoch)
             self.save_last(epoch)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from utils.inference import STRIDES, prepare_case, prepare_net, sliding_window_predict
 from utils.io import (ConfigError, DataError, atomic_path, cli_main, exp_dir, is_out_of_memory, read_list,
                       remove_stale_tmp)
+from utils import distributed
 from utils.device import resolve_device
 from utils.task import get_task
 
@@ -207,6 +208,8 @@ def run(args):
     if args.sw_batch_size < 1:
         raise ConfigError(f"--sw_batch_size {args.sw_batch_size}: must be >= 1")
     device = resolve_device(args.device, args.gpu)
+    if distributed.launched_by_torchrun() and device.type == "cuda":  # one GPU per rank
+        device = torch.device("cuda", distributed.local_rank())
     if args.amp and device.type != "cuda":
         raise ConfigError("--amp needs a CUDA device (fp16 autocast); CPU inference runs in fp32")
     ids = read_list(task.split_path(args.split))
@@ -224,11 +227,17 @@ def run(args):
     stride_xy, stride_z = strides_for(args.speed, patch_size)
     log.info("%s x%d (%s) on %s, speed %d -> %s", spec["name"], len(nets), "+".join(map(str, keys)), device,
              args.speed, out_dir)
-    remove_stale_tmp(exp_dir(args.exp))  # staging folders of killed test runs
-    staged = os.path.join(exp_dir(args.exp), f".tmp-{os.getpid()}-{os.path.basename(out_dir)}")
-    try:
+    if distributed.is_main():
+        remove_stale_tmp(exp_dir(args.exp))  # staging folders of killed test runs
+    # torchrun: rank 0 names and makes the staging folder, every rank writes its share of the cases into it
+    staged = distributed.gather_objects(
+        os.path.join(exp_dir(args.exp), f".tmp-{os.getpid()}-{os.path.basename(out_dir)}"))[0]
+    if distributed.is_main():
         os.makedirs(staged)
-        for case_id in tqdm(ids, desc="test", unit="case", disable=None):
+    distributed.barrier()
+    done = False
+    try:
+        for case_id in tqdm(distributed.shard(ids), desc="test", unit="case", disable=None):
             image, geometry = prepare_case(task, case_id)
             try:
                 labels, _ = sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, task.num_cls,
@@ -241,9 +250,18 @@ def run(args):
                                   f"{tuple(image.shape)}, patch {' '.join(map(str, patch_size))}, --sw_batch_size "
                                   f"{args.sw_batch_size}): lower --sw_batch_size (or use --device cpu)") from None
             write_prediction(os.path.join(staged, f"{case_id}.nii.gz"), labels, geometry)
-        replace_folder(staged, out_dir)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        done = True
+    finally:  # the set is complete only when every rank finished its share; rank 0 then moves it into place
+        if not distributed.all_true(done, device if device.type == "cuda" else "cpu"):
+            if distributed.is_main():
+                shutil.rmtree(staged, ignore_errors=True)
+            if done:  # this rank's share is fine: another rank failed (its error names the cause)
+                raise DataError(f"{out_dir}: another process failed; the previous prediction set is kept")
+        elif distributed.is_main():
+            try:
+                replace_folder(staged, out_dir)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
     log.info("wrote %d predictions to %s", len(ids), out_dir)
     return out_dir
 
@@ -251,8 +269,14 @@ def run(args):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(args)
+    logging.basicConfig(level=logging.INFO if distributed.rank_from_env() == 0 else logging.WARNING,
+                        format="%(message)s")
+    if distributed.launched_by_torchrun():  # torchrun: the case list is sharded over the ranks
+        distributed.init_from_env("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        run(args)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from engine import run
 from meanteacher import MeanTeacher, update_ema_variables  # noqa: F401  (public API of this module)
+from utils.distributed import all_reduce_sum, world_size
 from utils.loss import WeightedCrossEntropyLoss, make_loss_function
 from utils.ramps import ema
 
@@ -68,14 +69,15 @@ class ConfidenceArray:
         p = F.softmax(out.float(), 1)
         labels = gt if gt.dim() == p.dim() else gt.unsqueeze(1)
         onehot = torch.zeros_like(p).scatter_(1, labels.long(), 1)
-        count = onehot.sum((0, *range(2, p.dim()))) + 1e-12
+        count = all_reduce_sum(onehot.sum((0, *range(2, p.dim())))) + 1e-12  # torchrun: sums over every rank
         cross = self.broadcast and gt.dim() == p.dim()
         space = tuple(range(1, p.dim() - 1))  # spatial dims of a [C, ...] tensor
+        mask_sum = all_reduce_sum(onehot.sum(0)) if cross else None
 
         def paired_sum(metric):  # [B, C, ...] -> [C]
             if cross:  # Σ_v (Σ_i mask_i)(Σ_j metric_j) = Σ_{i,j,v} mask_i·metric_j
-                return (onehot.sum(0) * metric.sum(0)).sum(space)
-            return (onehot * metric).sum(0).sum(space)
+                return (mask_sum * all_reduce_sum(metric.sum(0))).sum(space)
+            return all_reduce_sum((onehot * metric).sum(0).sum(space))
 
         self._to(p.device)
         self.entropy += paired_sum(p * torch.log(p + 1e-12).sum(1, keepdim=True)) / count
@@ -145,7 +147,8 @@ class ACISIS(MeanTeacher):
 
     def on_train_start(self, labeled_ds):
         """One rate update per epoch: the epoch's iteration count (the labeled set repeats to the unlabeled)."""
-        self.confs.update_iter = math.ceil(len(labeled_ds) / self.cfg.batch_size)
+        per_rank = math.ceil(len(labeled_ds) / world_size())  # torchrun: each rank's share of the cases
+        self.confs.update_iter = math.ceil(per_rank / self.cfg.batch_size)
 
     def training_step(self, x_l, y_l, x_u, step):
         n_l = x_l.shape[0]

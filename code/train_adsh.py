@@ -13,6 +13,7 @@ import torch
 
 from cotraining import CoTraining, hard_labels
 from engine import run
+from utils.distributed import all_gather_cat
 from utils.io import ConfigError
 from utils.loss import WeightedCrossEntropyLoss
 
@@ -71,6 +72,14 @@ def estimate_thresholds(scores, thresh_major):
     return torch.stack([scores[:, c].flatten().sort(descending=True).values[ranks[c]] for c in range(num_cls)])
 
 
+def bank_thresholds(bank, out):
+    """``bank.get_thresholds(out)``; under torchrun every rank's batch enters, in rank order, as consecutive batches,
+    so all ranks hold the same bank and thresholds (those of one process seeing the batches one after another)."""
+    for part in all_gather_cat(out).split(out.shape[0]):
+        thresholds = bank.get_thresholds(part)
+    return thresholds
+
+
 def cal_sampling_mask(out, thresholds):
     """(adsh-4) per-class maps ``S[:, c] = 1[softmax(out)_c > thr_c]`` (strict), float, ``out``'s shape."""
     probs = torch.softmax(out.detach().float(), dim=1)
@@ -111,7 +120,7 @@ class ADSHCoTraining(CoTraining):
         n = x_l.shape[0]
         loss_sup = self.sup_losses["A"](logits["A"][:n], y_l) + self.sup_losses["B"](logits["B"][:n], y_l)
         targets = {k: hard_labels(z) for k, z in logits.items()}
-        thresholds = {k: self.adsh[k].get_thresholds(z[n:].detach()) for k, z in logits.items()}
+        thresholds = {k: bank_thresholds(self.adsh[k], z[n:].detach()) for k, z in logits.items()}
         maps = {k: cal_sampling_mask(z, thresholds[k]) for k, z in logits.items()}
         loss_cps = self.cross_loss(logits["A"], targets["B"], maps["B"], "A") \
             + self.cross_loss(logits["B"], targets["A"], maps["A"], "B")

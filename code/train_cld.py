@@ -15,6 +15,7 @@ import torch
 from cotraining import CoTraining, hard_labels
 from data.dataset import class_counts
 from engine import run
+from utils.distributed import all_reduce_sum, world_size
 from utils.io import ConfigError
 from utils.loss import WeightedCrossEntropyLoss
 
@@ -55,8 +56,13 @@ class ConfidenceBank:
             self.confs, self.sums, self.counts = self.confs.to(dev), self.sums.to(dev), self.counts.to(dev)
         label = label.reshape(out.shape[0], 1, *out.shape[2:]).long()
         p_true = torch.softmax(out.detach().float(), dim=1).gather(1, label)
-        self.sums.scatter_add_(0, label.flatten(), p_true.flatten().double())
-        self.counts += torch.bincount(label.flatten(), minlength=self.num_cls)
+        if world_size() > 1:  # torchrun: the sums and counts of every rank's labeled batch
+            self.sums += all_reduce_sum(torch.zeros_like(self.sums).scatter_add_(0, label.flatten(),
+                                                                                 p_true.flatten().double()))
+            self.counts += all_reduce_sum(torch.bincount(label.flatten(), minlength=self.num_cls))
+        else:
+            self.sums.scatter_add_(0, label.flatten(), p_true.flatten().double())
+            self.counts += torch.bincount(label.flatten(), minlength=self.num_cls)
         self.calls += 1
         if self.calls % self.update_iter == 0:
             new = (self.sums / (self.counts + 1e-12)).float()  # 0 for a class not seen in these calls

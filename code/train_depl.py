@@ -12,6 +12,7 @@ import torch
 
 from cotraining import CoTraining
 from engine import run
+from utils.distributed import batch_mean
 from utils.loss import WeightedCrossEntropyLoss
 from utils.ramps import ema
 
@@ -33,7 +34,7 @@ def causal_inference(logits, qhat, tau=0.5):
 
 def update_qhat(probs, qhat, momentum=0.99):
     """(depl-2) q̂ ← m·q̂ + (1 − m)·mean_b probs: the mean is over the batch only, so q̂ stays per voxel."""
-    return ema(probs.detach().mean(dim=0, keepdim=True), qhat.to(probs.device), momentum)
+    return ema(batch_mean(probs.detach(), dim=0, keepdim=True), qhat.to(probs.device), momentum)  # torchrun: all ranks
 
 
 class DePL(CoTraining):

@@ -49,6 +49,7 @@ class DST(CoTraining):
     """DST on two decoupled VNets: main head from the peer's confident pseudo-labels, worst head through a GRL."""
     name = "dst"
     network = "VNet_Decoupled"
+    ddp_find_unused = True  # torchrun: the original's step leaves the pseudo decoder without gradients
     defaults = {"cps_rampup": True}  # the original's -r is on by default (and cannot be turned off there)
 
     @classmethod

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import Method, run
+from utils.distributed import all_gather_cat
 from utils.loss import SoftDiceLoss
 
 
@@ -130,6 +131,7 @@ class SSNet(Method):
     name = "ssnet"
     network = "VNet4SSNet"
     bare_checkpoint = True
+    ddp_by_hand = True  # torchrun: VAT's inner autograd.grad and the heads called directly are beyond DDP's reducer
 
     @classmethod
     def add_args(cls, parser):
@@ -166,7 +168,8 @@ class SSNet(Method):
             head.eval()  # the original switches the net to eval mode for this projection only
             projected = head(feats[:n_l][correct])
             head.train(was_training)
-        self.memory.add_features_from_sample_learned(net, projected, y[correct])
+        self.memory.add_features_from_sample_learned(  # torchrun: every rank's features enter the memory
+            net, all_gather_cat(projected), all_gather_cat(y[correct]))
         loss_con_l = self._contrastive(net, feats[:n_l], y)
         loss_con_u = self._contrastive(net, feats[n_l:], pred[n_l:])
         loss_dice = self.dice(probs[:n_l], y)

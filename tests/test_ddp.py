@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import FAST, METHODS, REPO
+from test_methods_common import EXTRA_FLAGS
 
 PY = sys.executable
-EXTRA = {"adsh": ["--bank_size", "4"]}  # a bank small enough to fill on tiny data
+EXTRA = EXTRA_FLAGS  # per-method flags the tiny data needs (adsh's bank, UNETR++'s patch)
 
 
 def _env(tiny, **extra):
@@ -100,3 +101,45 @@ def test_two_ranks_dhc_identical_and_resumable(tiny_data):
     assert_same(a["method"], b["method"], "resumed method state")
     assert "train.log" not in os.listdir(tiny_data / "logs" / "ddp" / "ckpts")
     assert proc.stdout.count("validation epoch 0") == 1  # rank 0 alone validates and logs
+
+
+def test_statistics_over_two_ranks_equal_one_process(tmp_path):
+    """DistDW counts, DiffDW Dice, DePL q̂, CLD and ACISIS confidences, ADSH banks and thresholds: each rank sees half
+    of each global batch and ends with the state one process computes from the whole batches (2 gloo ranks)."""
+    worker = os.path.join(REPO, "tests", "ddp_reduce_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for nproc, out in ((2, tmp_path / "two"), (None, tmp_path / "one")):
+        out.mkdir()
+        cmd = ([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [PY])
+        proc = subprocess.run([*cmd, worker, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1, one = (load(p) for p in (tmp_path / "two" / "rank0.pt", tmp_path / "two" / "rank1.pt",
+                                      tmp_path / "one" / "rank0.pt"))
+    assert_same(r0, r1, "rank 0 vs rank 1")
+    f0, f1 = flat(r0), flat(one)
+    assert f0.keys() == f1.keys() and len(f0) >= 15
+    exact = ("distdw", "diffdw", "adsh")  # integer counts (exact in fp32) or a bank of the same rows
+    for key in f0:
+        if key.lstrip(".").startswith(exact):
+            assert torch.equal(f0[key], f1[key]), key
+        else:  # sums in another order: float rounding only
+            torch.testing.assert_close(f0[key], f1[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert not torch.equal(one["distdw"], torch.ones(4))  # the weights moved
+
+
+def test_sharded_test_py_writes_the_single_process_predictions(tiny_data):
+    """torchrun --nproc_per_node 2 code/test.py: the cases are split over the ranks; the prediction set equals the
+    one process writes (same files, same voxels) and no staging folder is left."""
+    import SimpleITK as sitk
+    torchrun(tiny_data, 2, "train_dhc.py", train_args("dhc", "run", 0))
+    flags = ["--task", "phantom", "--exp", "run", "--split", "eval", "--device", "cpu", "--cps", "AB"]
+    plain(tiny_data, "test.py", flags)
+    exp = tiny_data / "logs" / "run"
+    os.rename(exp / "predictions_AB", exp / "single")
+    torchrun(tiny_data, 2, "test.py", flags)
+    names = sorted(os.listdir(exp / "single"))
+    assert names == sorted(os.listdir(exp / "predictions_AB")) == ["0007.nii.gz", "0008.nii.gz"]
+    for name in names:
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(exp / d / name))) for d in ("single", "predictions_AB"))
+        assert a.shape == (24, 32, 32) and (a == b).all()
+    assert not [n for n in os.listdir(exp) if n.startswith(".tmp-")]

@@ -25,6 +25,11 @@ def launched_by_torchrun():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def rank_from_env():
+    """torchrun's RANK before the process group exists (0 without torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
@@ -52,7 +57,8 @@ def init_from_env(device):
         return
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(torch.device(device))
+        device = torch.device(device)
+        torch.cuda.set_device(device if device.index is not None else torch.device("cuda", local_rank()))
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=TIMEOUT_MIN))
 
 
@@ -75,6 +81,14 @@ def all_reduce_mean(t):
     if world_size() == 1:
         return t
     return all_reduce_sum(t) / world_size()
+
+
+def batch_mean(t, dim=0, keepdim=False):
+    """Mean of ``t`` over ``dim`` of the global batch (every rank's rows): local sum and count, summed over ranks."""
+    if world_size() == 1:
+        return t.mean(dim=dim, keepdim=keepdim)
+    total = all_reduce_sum(t.sum(dim=dim, keepdim=keepdim))
+    return total / all_reduce_sum(torch.tensor(float(t.shape[dim]), device=t.device)).to(total.dtype)
 
 
 def all_gather_cat(t, dim=0):
@@ -139,6 +153,31 @@ def shard(items):
     return list(items)[rank()::world_size()]
 
 
+def average_gradients(modules):
+    """What DDP's backward does, by hand after ``backward``: every parameter's gradient becomes the mean over ranks
+    (a rank where a parameter got none contributes zeros; a parameter no rank used keeps ``grad = None``, so the
+    optimiser skips it as in one process). For steps DDP's reducer cannot follow (inner ``autograd.grad``,
+    submodules called outside the wrapper's forward, a data-dependent set of used parameters)."""
+    if world_size() == 1:
+        return
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    used = all_reduce_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device))
+    grads = []
+    for p, n in zip(params, used.tolist()):
+        if n and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if n:
+            grads.append(p.grad)
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    for g, mean in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(mean)
+
+
 class DDP(torch.nn.parallel.DistributedDataParallel):
     """DistributedDataParallel whose unknown attributes fall through to the wrapped module (``net.decoder``,
     ``net.normalization``), so a method's ``training_step`` can use a wrapped net like the bare one."""
@@ -150,15 +189,19 @@ class DDP(torch.nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap_nets(method, device, find_unused=False, sync_bn=False):
-    """{name: DDP wrapper} for the trained nets (bare modules stay in ``method.nets``), or None at world size 1.
-    ``sync_bn`` converts BatchNorm to SyncBatchNorm in place first (CUDA only)."""
+def wrap_nets(method, device, find_unused=False, sync_bn=False, by_hand=False):
+    """{name: DDP wrapper} for the trained nets (bare modules stay in ``method.nets``), or None at world size 1 or
+    with ``by_hand`` (then the engine calls ``average_gradients`` after backward instead). ``sync_bn`` converts
+    BatchNorm to SyncBatchNorm in place first (CUDA only)."""
     if world_size() == 1:
+        return None
+    if sync_bn:
+        for name, net in method.nets.items():
+            method.nets[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if by_hand:
         return None
     wrappers = {}
     for name, net in method.nets.items():
-        if sync_bn:
-            method.nets[name] = net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         ids = [device.index if device.index is not None else local_rank()] if device.type == "cuda" else None
         wrappers[name] = DDP(net, device_ids=ids, find_unused_parameters=find_unused)
     return wrappers
