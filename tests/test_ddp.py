@@ -143,3 +143,44 @@ def test_sharded_test_py_writes_the_single_process_predictions(tiny_data):
         a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(exp / d / name))) for d in ("single", "predictions_AB"))
         assert a.shape == (24, 32, 32) and (a == b).all()
     assert not [n for n in os.listdir(exp) if n.startswith(".tmp-")]
+
+
+def test_every_method_trains_under_two_ranks(tiny_data):
+    """One epoch of every method under 2 gloo processes (one torchrun launch for all of them): no error, and both
+    ranks end with identical nets (parameters and BatchNorm statistics), teachers and method state."""
+    dump = tiny_data / "dump"
+    worker = os.path.join(REPO, "tests", "ddp_methods_worker.py")
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
+                           str(dump), *METHODS], cwd=REPO, env=_env(tiny_data), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    failed = {m: (dump / m / "error0").read_text()[-1500:] for m in METHODS if (dump / m / "error0").exists()}
+    assert not failed, failed
+    for m in METHODS:
+        r0, r1 = load(dump / m / "rank0.pth"), load(dump / m / "rank1.pth")
+        assert_same(r0, r1, f"{m}: rank 0 vs rank 1")
+        assert flat(r0["nets"]), m
+
+
+@pytest.mark.parametrize("gpus, launch", [("0", "code/train_dhc.py"),
+                                          ("0,1,2", "-m torch.distributed.run --standalone --nproc_per_node 3 "
+                                                    "code/train_dhc.py")])
+def test_train3times_launches_torchrun_for_a_gpu_list(tmp_path, gpus, launch):
+    """-c 0: the plain single-process command with -g 0; -c 0,1,2: torchrun with 3 processes on those GPUs, for
+    training and testing (a stand-in python records the commands)."""
+    stub = tmp_path / "py"
+    stub.write_text('#!/bin/sh\necho "CVD=${CUDA_VISIBLE_DEVICES:-unset} $*" >> "$LOG"\n')
+    stub.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(stub), LOG=str(tmp_path / "log"), SEEDS="0")
+    proc = subprocess.run(["bash", "scripts/train3times.sh", "20", "-c", gpus, "-t", "phantom", "-m", "dhc"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    train, test, evaluate = (tmp_path / "log").read_text().splitlines()
+    cvd = "unset" if gpus == "0" else gpus
+    assert train.startswith(f"CVD={cvd} {launch} --task phantom --exp Task_phantom_20p/dhc/fold1 --seed 0")
+    assert ("-g 0" in train) == (gpus == "0") and ("-g 0" in test) == (gpus == "0")
+    assert test.startswith(f"CVD={cvd} {launch.replace('train_dhc', 'test')}")
+    assert evaluate.startswith(f"CVD={cvd} code/evaluate_Ntimes.py")
+    bad = subprocess.run(["bash", "scripts/train3times.sh", "20", "-c", "0;1", "-m", "dhc"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: -c 0;1")
