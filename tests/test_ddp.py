@@ -184,3 +184,20 @@ def test_train3times_launches_torchrun_for_a_gpu_list(tmp_path, gpus, launch):
     bad = subprocess.run(["bash", "scripts/train3times.sh", "20", "-c", "0;1", "-m", "dhc"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: -c 0;1")
+
+
+def test_gpu_check_dry_run_prints_its_table(tmp_path):
+    """bench/gpu_check.sh --dry-run (CPU, tiny sizes, DHC only): every step runs and lands in the one table; a bad
+    option is one error line."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=PY)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", "--methods", "dhc"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| check"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == [
+        "| train dhc (fp32)", "| DHC step fp32 / AMP", "| inference 24x64x64 A+B",
+        "| torchrun --nproc_per_node 1 train_dhc"]
+    assert " it/s | " in table[2] and "| ok |" in table[-1] and "failed" not in proc.stdout
+    bad = subprocess.run(["bash", "bench/gpu_check.sh", "--iters", "0"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --iters 0")
