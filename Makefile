@@ -42,14 +42,15 @@ demo: phantom
 # one table + chart of all of them ($(P20)/compare.{md,tex,csv,png}). fully = the labeled-only VNet (the 2
 # labeled cases), the lower bound the paper's tables start from. A method whose evaluation_res.txt exists is not
 # retrained (the demo's dhc is reused; rerun after an interruption to continue); a failing method is reported and
-# left out of the table. COMPARE_METHODS="dhc cps" picks a subset.
+# left out of the table. UNETR++ needs patch sides divisible by 32 (32x64x64 here). COMPARE_METHODS="dhc cps" picks a subset.
 COMPARE_METHODS ?= $(patsubst code/train_%.py,%,$(sort $(wildcard code/train_*.py)))
 compare: phantom
 	@failed=""; for m in $(COMPARE_METHODS); do \
 	  if [ -f $(P20)/$$m/evaluation_res.txt ]; then echo "== $$m: evaluated already, kept"; continue; fi; \
-	  echo "== $$m"; rm -rf $(P20)/$$m; \
+	  echo "== $$m"; rm -rf $(P20)/$$m; extra=""; \
+	  if [ $$m = dhc_unetrpp ]; then extra="-- --patch_size 32 64 64"; fi; \
 	  PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash train3times_seeds_20p.sh -c 0 -t phantom -m $$m -e '' -l 3e-2 -w 0.1 \
-	    || failed="$$failed $$m"; \
+	    $$extra || failed="$$failed $$m"; \
 	done; \
 	done_=$$(for m in $(COMPARE_METHODS); do [ -f $(P20)/$$m/results.json ] && echo $(P20)/$$m; done); \
 	$(PY) code/make_table.py --exps $$done_ --out $(P20)/compare; \
