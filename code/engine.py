@@ -394,6 +394,8 @@ class Trainer:
         if self.writes_files:
             os.makedirs(os.path.join(self.folder, "ckpts"), exist_ok=True)
         setup_logging(self.folder if self.writes_files else None)
+        if not self.writes_files:  # torchrun: rank 0 logs; the others report warnings only
+            logging.getLogger().setLevel(logging.WARNING)
         self.writer = (SummaryWriter(os.path.join(self.folder, "tensorboard")) if self.writes_files
                        else _NullWriter())
 
@@ -436,10 +438,10 @@ class Trainer:
         return {k: (v / max(n_it, 1)).item() for k, v in sums.items()}
 
     def sync_ranks(self):
-        """After an epoch: every rank takes rank 0's BatchNorm statistics (each rank's last forward updated its
-        own) and teachers, so validation, checkpoints and a resumed run see one state."""
+        """After an epoch: every rank takes rank 0's BatchNorm statistics of the nets and teachers (each rank's
+        forwards updated its own), so validation, checkpoints and a resumed run see one state."""
         for module in (*self.method.nets.values(), *self.method.aux.values()):
-            distributed.sync_module_state(module)
+            distributed.sync_buffers(module)
 
     def log_epoch(self, epoch, lr, unsup_w, means, extra):
         w = self.writer

@@ -139,12 +139,13 @@ def barrier():
         dist.barrier()
 
 
-def sync_module_state(module, src=0):
-    """Copy rank ``src``'s parameters and buffers (BatchNorm running statistics) into every rank's ``module``."""
+def sync_buffers(module, src=0):
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) into every rank's ``module``. Parameters are not
+    touched: averaged gradients and identical updates keep them equal on every rank by themselves."""
     if world_size() == 1:
         return
     with torch.no_grad():
-        for t in (*module.parameters(), *module.buffers()):
+        for t in module.buffers():
             dist.broadcast(t.data, src)
 
 
