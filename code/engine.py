@@ -7,6 +7,11 @@ quirks Q3-Q5, Q8, Q30, Q34-Q37.
 Per run: ``on_train_start(labeled_ds)``; per iteration, under autocast: ``training_step(x_l, y_l, x_u, step)`` ->
 dict of scalar tensors with a ``loss`` entry; the engine backpropagates and steps one SGD per ``nets`` entry, then
 ``after_optimizer_step(step)``; per epoch ``on_epoch_end(epoch)``; validation via ``predict(x)``.
+
+Under ``torchrun`` (``utils/distributed.py``): one process per device, DistributedDataParallel around each trained
+net inside ``training_step`` only (``ddp_find_unused`` / ``ddp_by_hand`` for steps its reducer cannot follow),
+a DistributedSampler per loader, per-rank data seeds, rank 0 validating and writing; at world size 1 the run is
+the plain one, bit for bit.
 """
 import dataclasses
 import json

@@ -201,3 +201,13 @@ def test_gpu_check_dry_run_prints_its_table(tmp_path):
     bad = subprocess.run(["bash", "bench/gpu_check.sh", "--iters", "0"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --iters 0")
+
+
+def test_sync_bn_needs_cuda_ranks(tiny_data, capsys):
+    """--sync_bn without torchrun on CUDA devices is one error line (SyncBatchNorm needs NCCL ranks)."""
+    import engine
+    from train_dhc import DHC
+    with pytest.raises(SystemExit) as stop:
+        engine.run(DHC, [*FAST, "--exp", "x", "-ep", "0", "--sync_bn"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error: --sync_bn needs torchrun")
