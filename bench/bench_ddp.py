@@ -4,6 +4,7 @@ gradient all-reduce, optimiser steps, class statistics reduced over ranks) in
   - 2 gloo processes x 1 thread each (torchrun; per-rank batch 2 + 2, so 8 patches per iteration in all),
   - 1 process x 2 threads, batch 2 + 2 (the same per-process work),
   - 1 process x 2 threads, batch 4 + 4 (the same global batch as the 2 processes),
+  - 1 process x 1 thread, batch 2 + 2 (what one of the two processes would do alone),
 
 reported as training samples (patches) per second, with the load average before and after (other work on the
 machine distorts the figures: run it on a quiet machine). Phantom size by default: F = 8, patches 16x48x48.
@@ -84,7 +85,7 @@ def main():
     print(f"DHC training iteration on CPU, F={args.n_filters}, patch {tuple(args.patch)}, median of {args.iters}; "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f}")
     rows = [("2 gloo processes x 1 thread, 2+2 each", 2, 1, 2), ("1 process x 2 threads, 2+2", 1, 2, 2),
-            ("1 process x 2 threads, 4+4 (same global batch)", 1, 2, 4)]
+            ("1 process x 2 threads, 4+4 (same global batch)", 1, 2, 4), ("1 process x 1 thread, 2+2", 1, 1, 2)]
     results = [(label, *run(procs, threads, batch, args)) for label, procs, threads, batch in rows]
     base = results[1][2]
     print(f"  {'configuration':48s} {'s/it':>7s} {'samples/s':>10s} {'vs 1x2':>7s}")
