@@ -30,7 +30,7 @@ bench: setup
 # The main job on the built-in phantom: three seeds of DHC at 20 % labels, test, evaluate, print the table, draw
 # the figures (overlay of a test case, learning curves, per-class Dice bars) and name them.
 P20 := logs/Task_phantom_20p
-demo: phantom
+demo: phantom clean-demo
 	@start=$$(date +%s); \
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash train3times_seeds_20p.sh -c 0 -t phantom -m dhc -e '' -l 3e-2 -w 0.1 && \
 	$(PY) code/make_table.py --exps $(P20)/dhc --out $(P20)/table && \

@@ -91,7 +91,7 @@ def test_dhc_learns_the_liver_on_a_tiny_phantom(tmp_path, monkeypatch):
     write_dataset(tmp_path / "raw", n_cases=10, seed=0, shape=(24, 64, 64), progress=False)
     preprocess("phantom", progress=False)
     best = engine.run(DHC, ["--task", "phantom", "--exp", "p", "-ep", "12", "--patch_size", "16", "32", "32",
-                            "--eval_every", "3", "-sl", "labeled_40p", "--device", "cpu"])
+                            "--eval_every", "3", "-sl", "labeled_40p", "--device", "cpu", "--n_filters", "8"])
     lines = [line for line in (tmp_path / "logs" / "p" / "train.log").read_text().splitlines()
              if "validation epoch" in line]
     first = float(lines[0].split("mean dice ")[1].split()[0])

@@ -140,8 +140,9 @@ def test_training_step_pushes_weights_into_both_losses(dhc_and_batch):
     assert out["loss"].item() == pytest.approx((out["sup"] + 0.5 * out["cps"]).item(), rel=1e-6)
     assert method.w_b is method.dist_dw.weights and method.w_a.shape == (method.cfg.num_cls,)
     assert method.w_a.max().item() == pytest.approx(method.cfg.num_cls)
-    assert method.sup_a.ce.weight is not None and torch.equal(torch.as_tensor(method.cps_a.weight), method.w_a)
-    assert torch.equal(torch.as_tensor(method.cps_b.weight), method.w_b)
+    assert method.sup_losses["A"].ce.weight is not None
+    assert torch.equal(torch.as_tensor(method.cps_losses["A"].weight), method.w_a)
+    assert torch.equal(torch.as_tensor(method.cps_losses["B"].weight), method.w_b)
 
 
 def test_pseudo_labels_carry_no_gradient_to_the_other_net(dhc_and_batch):
