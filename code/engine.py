@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 import sys
 
@@ -26,9 +25,11 @@ import torch
 
 from utils import distributed, ramps
 from utils.device import place_module
-from utils.io import (ConfigError, DataError, FolderLock, describe_error, exp_dir, is_out_of_memory, read_list,
-                      remove_stale_tmp, torch_save, write_json)
+from utils.io import (ConfigError, DataError, FolderLock, describe_error, exp_dir, is_out_of_memory, remove_stale_tmp,
+                      torch_save, write_json)
 from utils.runinfo import build_parser, resolve_config, resume_mismatch, run_record
+from utils.runsetup import build_datasets, make_loader, rng_state, seed_everything, set_rng_state, setup_logging, \
+    teardown_logging
 from utils.validation import validate
 
 log = logging.getLogger("engine")
@@ -124,101 +125,6 @@ def rank_seed(seed, rank):
     return seed + 100003 * rank
 
 
-def seed_everything(seed, deterministic=False):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:  # Q37: the original leaves cudnn non-deterministic
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def make_loader(dataset, cfg, method, shuffle=True, epoch=0, stream=0):
-    """Training loaders are built here only. Under torchrun with several processes each rank reads its own share
-    through a DistributedSampler (shuffled from ``--seed`` + ``stream`` and the epoch, so labeled and unlabeled
-    orders are independent); at world size 1 the stream is the plain run's RandomSampler."""
-    from data.dataset import seed_worker
-    sampler = None
-    if distributed.world_size() > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=cfg.seed + stream,
-                                                      drop_last=method.drop_last)
-        sampler.set_epoch(epoch)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
-        num_workers=cfg.num_workers, pin_memory=cfg.device.type == "cuda", worker_init_fn=seed_worker,
-        drop_last=method.drop_last)
-
-
-def build_datasets(cfg, method):
-    """(labeled, unlabeled or None, eval) datasets. The labeled set repeats to the unlabeled length (§3.5)."""
-    from data.dataset import VolumeDataset
-    from data.transforms import make_eval_transform, make_train_transform
-    train_tf = make_train_transform(cfg.task, cfg.patch_size, flip=not cfg.no_flip)
-    unlabeled = None
-    if method.uses_unlabeled:
-        unlabeled = VolumeDataset(cfg.task, cfg.split_unlabeled, transform=train_tf, unlabeled=True)
-    labeled = VolumeDataset(cfg.task, cfg.split_labeled, transform=train_tf,
-                            repeat=len(unlabeled) if unlabeled is not None else None)
-    evaluation = VolumeDataset(cfg.task, cfg.split_eval, transform=make_eval_transform(cfg.task, cfg.patch_size))
-    check_no_leakage(cfg.task, labeled, unlabeled, evaluation)
-    return labeled, unlabeled, evaluation
-
-
-def check_no_leakage(task, labeled, unlabeled, evaluation):
-    """Training cases (labeled or unlabeled) must not be eval cases, and none of them test cases (test.txt, when
-    present): e.g. the original's AMOS 20 % lists hold 20 eval ids. A DataError names the files and ids."""
-    test_path = task.split_path("test")
-    test = set(read_list(test_path)) if os.path.isfile(test_path) else set()
-    sets = [(ds.split_path, set(ds.ids)) for ds in (labeled, unlabeled) if ds is not None]
-    pairs = [(a, b) for a in sets for b in [(evaluation.split_path, set(evaluation.ids))]]
-    pairs += [(a, (test_path, test)) for a in sets + [(evaluation.split_path, set(evaluation.ids))]]
-    for (path_a, ids_a), (path_b, ids_b) in pairs:
-        shared = sorted(ids_a & ids_b)
-        if shared and path_a != path_b:
-            raise DataError(f"{path_a}: shares {len(shared)} ids with {path_b} ({', '.join(shared[:5])}); "
-                            "training on evaluation or test cases leaks them")
-
-
-def setup_logging(folder):
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    fmt = logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", datefmt="%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if folder is not None:
-        handlers.append(logging.FileHandler(os.path.join(folder, "train.log")))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        handler._dhc_run = True
-        root.addHandler(handler)
-
-
-def teardown_logging():
-    """Close and remove the handlers ``setup_logging`` installed (train.log is closed when a run ends)."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_dhc_run", False):
-            root.removeHandler(handler)
-            handler.close()
-
-
 def fmt_vector(t):
     return np.array2string(np.asarray(t.detach().float().cpu() if torch.is_tensor(t) else t), precision=4,
                            suppress_small=True, max_line_width=200)
@@ -237,23 +143,23 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
         opt.zero_grad(set_to_none=True)
     with distributed.ddp_nets(method, ddp), torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
         out = method.training_step(x_l, y_l, x_u, step)
-    if not distributed.all_true(torch.isfinite(out["loss"]), cfg.device):  # one host sync per iteration; GradScaler.step syncs anyway under AMP
+
+    def backward_and_step():
+        scaler.scale(out["loss"]).backward()
+        if average:
+            distributed.average_gradients(method.nets.values())
+        for opt in optimizers.values():
+            scaler.step(opt)
+        scaler.update()
+
+    # one host sync per iteration; GradScaler.step syncs anyway under AMP
+    if not distributed.all_true(torch.isfinite(out["loss"]), cfg.device):
         if scaler.is_enabled() and out["loss"].requires_grad:
-            scaler.scale(out["loss"]).backward()
-            if average:
-                distributed.average_gradients(method.nets.values())
-            for opt in optimizers.values():
-                scaler.step(opt)
-            scaler.update()
+            backward_and_step()  # the scaler sees the inf/NaN gradients, skips and lowers the scale
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
         return None
-    scaler.scale(out["loss"]).backward()
-    if average:
-        distributed.average_gradients(method.nets.values())
-    for opt in optimizers.values():
-        scaler.step(opt)
-    scaler.update()
+    backward_and_step()
     method.after_optimizer_step(step)
     return out
 

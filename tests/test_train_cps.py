@@ -2,7 +2,6 @@
 labels without gradient, identical nets, init and checkpoint layout, and the original script's defaults."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

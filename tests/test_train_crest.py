@@ -1,7 +1,6 @@
 """crest (docs/methods.md#crest): the reversed-μ class weights against the spec's worked examples and an
 independent reference (stable ties), the EMA from each net's own unlabeled-half argmax, both losses weighted."""
 import numpy as np
-import pytest
 import torch
 
 from cotraining_helpers import C, check_weighted_step, make_method
