@@ -2,7 +2,7 @@
 
 Defaults reproduce the original's relative paths (run everything from the repository root). Each path can be
 overridden by an environment variable, e.g. ``DHC_SYNAPSE_RAW=/data/Synapse DHC_SYNAPSE_DATA=/fast/synapse_data``.
-Spec: architecture-reference.md §3.1 and §6 (utils/config.py of the original).
+See docs/pipeline.md#scripts-and-configuration (the original's utils/config.py); Qn: docs/original-quirks.md.
 """
 import os
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ class TaskConfig:
     n_filters: int = 32
     eval_every: int = 10
     flip: bool = True              # HEAD trains with flips (Q26)
-    window: Tuple[float, float] = (-75.0, 275.0)  # CT intensity clip before min-max (§3.3)
+    window: Tuple[float, float] = (-75.0, 275.0)  # CT intensity clip before min-max
     split_seed: int = 0
 
     @property

@@ -1,4 +1,5 @@
-"""Training/validation dataset over the preprocessed npy volumes (architecture-reference.md §3.3, §3.5).
+"""Training/validation dataset over the preprocessed npy volumes (docs/pipeline.md#dataset-and-normalisation, #loaders;
+Qn: docs/original-quirks.md).
 
 Unlike the original ``Synapse_AMOS``, which re-read both npy files and re-did the intensity window and the
 Synapse in-plane halving of the whole volume on every sample (Q24), every volume is loaded and prepared once
@@ -51,9 +52,9 @@ def check_pair(image, label, image_path, label_path, num_cls):
 
 
 class VolumeDataset(Dataset):
-    """Cases of one split, prepared once and kept in memory (§3.3).
+    """Cases of one split, prepared once and kept in memory.
 
-    ``__len__`` is ``repeat`` (the labeled loader cycles its few cases N_u times, §3.5) or the number of ids;
+    ``__len__`` is ``repeat`` (the labeled loader cycles its few cases N_u times) or the number of ids;
     item ``i`` is case ``ids[i % n]`` as ``transform({"image": float32 (D,H,W), "label": uint8 (D,H,W)})``,
     normally {"image": FloatTensor [1,D,H,W], "label": LongTensor [D,H,W]}. ``unlabeled=True`` zeroes the
     label (still returned, as the original). Without a transform the prepared arrays are returned as tensors.
@@ -131,7 +132,7 @@ def class_counts(labels, num_cls):
 
 
 def seed_worker(worker_id):
-    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (§3.5).
+    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed (docs/pipeline.md#loaders).
 
     The torch seed is base_seed + worker_id, the base drawn from the main torch RNG per iterator, so the
     crops and flips (numpy global RNG) differ per worker and per epoch yet follow ``torch.manual_seed``."""

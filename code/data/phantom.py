@@ -1,4 +1,5 @@
-"""Synthetic abdominal CT phantom: the built-in dataset behind ``-t phantom`` (spec: shared/PHANTOM.md).
+"""Synthetic abdominal CT phantom: the built-in dataset behind ``-t phantom`` (described in the README, 'The built-in
+phantom').
 
 Writes the cases of ``data.phantom_anatomy.make_case`` (anatomy, orientation, per-case variation: see that
 module) as raw NIfTI in the Synapse or AMOS layout, with direction = identity (ITK's LPS frame), the case's
@@ -37,7 +38,7 @@ def class_voxel_fractions(label, num_cls):
 
 # ------------------------------------------------------------------------------------------------ writing
 def case_files(out_dir, layout="synapse", n_cases=20, n_val=0):
-    """[(id, image path, label path, case number)] in the raw layout of the task (architecture-ref. §3.1)."""
+    """[(id, image path, label path, case number)] in the raw layout of the task (docs/pipeline.md#raw-data)."""
     if layout == "synapse":
         return [(f"{i:04d}", os.path.join(out_dir, "imagesTr", f"img{i:04d}.nii.gz"),
                  os.path.join(out_dir, "labelsTr", f"label{i:04d}.nii.gz"), i) for i in range(1, n_cases + 1)]

@@ -1,4 +1,5 @@
-"""Anatomy of the synthetic abdominal CT phantom (spec: shared/PHANTOM.md): ``make_case`` builds one case.
+"""Anatomy of the synthetic abdominal CT phantom (described in the README, 'The built-in phantom'): ``make_case``
+builds one case.
 
 Each case imitates portal-venous contrast CT of the abdomen. Organs are analytic shapes (ellipsoids, tubes
 along polylines, per-slice ellipses) in millimetres of a reference patient, evaluated only inside their
@@ -346,7 +347,7 @@ def _paint_adrenals(cv, rng, hu):
     """Thin inverted-Y plates: two limbs (2.75 mm half-thickness) from an anterior apex, tapering in t.
 
     They lie in a patch of soft tissue (crus, vessels, unopacified bowel in real scans) of nearly their own
-    HU, so that, as on real CT, they are found mostly by shape and position (PHANTOM.md)."""
+    HU, so that, as on real CT, they are found mostly by shape and position."""
     for name, apex, ends, ct in (("adrenal_r", [-36, 16], [[-30, 40], [-50, 36]], 92.0),
                                  ("adrenal_l", [40, 12], [[34, 36], [54, 32]], 102.0)):
         j, s = _jit(rng, 2.5, 4.0), rng.uniform(0.9, 1.2)
@@ -395,7 +396,7 @@ def _paint_pelvis(cv, rng, hu, sex):
 
 # ------------------------------------------------------------------------------------------------- a case
 def _draw_geometry(rng, layout, case_index, shape):
-    """Per-case field of view, spacing, origin, body size/pose and scan coverage (PHANTOM.md 'Acquisition')."""
+    """Per-case field of view, spacing, origin, body size/pose and scan coverage."""
     pelvis = layout == "amos" and case_index % 3 != 0  # every third AMOS case stops above the pelvis
     d = int(rng.integers(60, 73) if pelvis else rng.integers(48, 65))
     shape = (d, 192, 192) if shape is None else tuple(int(n) for n in shape)
@@ -418,7 +419,7 @@ def _draw_geometry(rng, layout, case_index, shape):
 
 
 def _draw_hu(rng):
-    """Tissue intensities (HU, portal venous phase; PHANTOM.md organ table)."""
+    """Tissue intensities (HU, portal venous phase)."""
     u = rng.uniform
     hu = {"lung": u(-880, -820), "heart": u(60, 110), "fat": u(-120, -85), "soft": u(30, 55), "muscle": u(40, 60),
           "bone": u(400, 550), "cortex": u(700, 1000), "csf": u(5, 20), "liver": u(100, 120), "spleen": u(110, 130),

@@ -1,4 +1,5 @@
-"""Synapse (BTCV) or phantom NIfTI volumes -> npy + split lists (architecture-reference.md §3.1-3.2).
+"""Synapse (BTCV) or phantom NIfTI volumes -> npy + split lists (docs/pipeline.md#preprocessing;
+Qn: docs/original-quirks.md).
 
 Images are stored as float32 raw intensities and labels as int8 on the source grid: no resampling and no
 normalisation here (the window and the in-plane halving are applied once at load time, Q24). Both the renamed
@@ -58,7 +59,7 @@ def synapse_splits(ids, test, seed):
 
 
 def convert_case(case, task):
-    """(float32 image, int8 label, meta) on the source grid, raw intensities (§3.2)."""
+    """(float32 image, int8 label, meta) on the source grid, raw intensities (docs/pipeline.md#preprocessing)."""
     image, label, itk = load_case(case, task.num_cls)
     image = image.astype(np.float32)
     return image, label.astype(np.int8), geometry_meta(itk, image.shape, case.image)

@@ -1,4 +1,5 @@
-"""AMOS22 NIfTI volumes -> npy on the fixed grid + split lists (architecture-reference.md §3.1-3.2).
+"""AMOS22 NIfTI volumes -> npy on the fixed grid + split lists (docs/pipeline.md#preprocessing;
+Qn: docs/original-quirks.md).
 
 Every volume is resized to ``task.fixed_grid`` = (80, 160, 160) whatever its spacing (Q19, Q48): the image
 trilinearly (align_corners=False) as float32 raw intensities, the label by nearest neighbour. Labels are stored

@@ -1,9 +1,10 @@
 """What preprocess.py (Synapse, phantom) and preprocess_amos.py share: case discovery and validation, the split
 rules common to both, and an all-or-nothing writer with its CLI.
 
-Spec: architecture-reference.md §3.1-3.2; Q8, Q15, Q16, Q20, Q21. Bad input raises a one-line DataError before
-anything reaches the output folder: every file is first written to a staging folder on the same file system and
-only moved into place (``os.replace``, one file at a time, npy before splits) once all cases have passed.
+See docs/pipeline.md#preprocessing and #splits; Q8, Q15, Q16, Q20, Q21 (docs/original-quirks.md). Bad input raises a
+one-line DataError before anything reaches the output folder: every file is first written to a staging folder on the
+same file system and only moved into place (``os.replace``, one file at a time, npy before splits) once all cases have
+passed.
 """
 import argparse
 import contextlib
@@ -131,7 +132,8 @@ def head_tail(order, n):
 
 
 def labeled_split(train, ratio, seed):
-    """§3.2: labeled_{p}p = first max(1, int(n·p/100)) of a permutation of the sorted train ids, unlabeled = rest.
+    """docs/pipeline.md#splits: labeled_{p}p = first max(1, int(n·p/100)) of a permutation of the sorted train ids,
+    unlabeled = rest.
 
     One generator per ratio (seeded with [seed, p]), so adding a ratio never changes the others' lists."""
     n_labeled = max(1, len(train) * ratio // 100)

@@ -1,7 +1,7 @@
 """Per-volume preparation (intensity window, Synapse in-plane halving) and per-sample transforms.
 
-Spec: architecture-reference.md §3.3-3.4; quirks Q22-Q26. Arrays are (D, H, W).
-Per-volume work is done once per volume (Q24), never per sample.
+See docs/pipeline.md#dataset-and-normalisation and #crops-and-flips; quirks Q22-Q26 (docs/original-quirks.md). Arrays
+are (D, H, W). Per-volume work is done once per volume (Q24), never per sample.
 """
 import numpy as np
 import torch
@@ -74,14 +74,14 @@ def prepare_label(label, task):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-sample transforms (§3.4) on *prepared* arrays: {"image": float32 (D, H, W), "label": int (D, H, W)}.
-# Offsets and flips consume the numpy global RNG exactly as the original (np.random.randint per axis in D, H, W
-# order, then two np.random.uniform per flip transform). Workers seeded by seed_worker take their numpy seed from
-# the loader's base seed, which every epoch's loaders and every validation's eval loader draw from the global torch
-# generator as the original's do; so with the original's loader settings (--num_workers 2, the CUDA default) a
-# seeded run draws the original's crops in every epoch. With --num_workers 0 (the CPU default) the crops come from
-# the main process's numpy stream instead (seeded by --seed) and are not the original's.
-# Every transform is a module-level class: picklable for workers.
+# Per-sample transforms (docs/pipeline.md#crops-and-flips) on *prepared* arrays: {"image": float32 (D, H, W), "label":
+# int (D, H, W)}. Offsets and flips consume the numpy global RNG exactly as the original (np.random.randint per axis
+# in D, H, W order, then two np.random.uniform per flip transform). Workers seeded by seed_worker take their numpy
+# seed from the loader's base seed, which every epoch's loaders and every validation's eval loader draw from the
+# global torch generator as the original's do; so with the original's loader settings (--num_workers 2, the CUDA
+# default) a seeded run draws the original's crops in every epoch. With --num_workers 0 (the CPU default) the crops
+# come from the main process's numpy stream instead (seeded by --seed) and are not the original's. Every transform is
+# a module-level class: picklable for workers.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -126,7 +126,7 @@ def crop_or_pad(array, offsets, patch):
 
 
 class RandomCrop:
-    """Same random patch of every array in the sample (§3.4 RandomCrop, offsets from the image shape)."""
+    """Same random patch of every array in the sample (the original's RandomCrop, offsets from the image shape)."""
 
     def __init__(self, patch_size):
         self.patch_size = _check_patch(patch_size)
@@ -137,7 +137,7 @@ class RandomCrop:
 
 
 class CenterCrop:
-    """Central patch of every array in the sample (§3.4 CenterCrop, validation)."""
+    """Central patch of every array in the sample (the original's CenterCrop, validation)."""
 
     def __init__(self, patch_size):
         self.patch_size = _check_patch(patch_size)
@@ -192,7 +192,7 @@ class Compose:
 
 
 def make_train_transform(task, patch_size=None, flip=True):
-    """RandomCrop -> RandomFlip_LR -> RandomFlip_UD -> ToTensor, the original's training order (§3.4).
+    """RandomCrop -> RandomFlip_LR -> RandomFlip_UD -> ToTensor, the original's training order.
 
     ``flip=False`` drops both flips (paper-era runs trained without them, Q26). ``patch_size`` defaults to the
     task's. The arrays must already be prepared (prepare_image/prepare_label), so no task-specific resize here."""
@@ -203,5 +203,5 @@ def make_train_transform(task, patch_size=None, flip=True):
 
 
 def make_eval_transform(task, patch_size=None):
-    """CenterCrop -> ToTensor (validation inside training, methods/dhc.md §8)."""
+    """CenterCrop -> ToTensor (validation inside training, docs/pipeline.md#validation-and-checkpoints)."""
     return Compose([CenterCrop(patch_size if patch_size is not None else task.patch_size), ToTensor()])
