@@ -1,7 +1,8 @@
 """Sliding-window inference and the per-case inputs/geometry of ``code/test.py``.
 
-Spec: architecture-reference.md §4 (window placement, logit mean, uniform averaging), §3.2 (stored npy);
-quirks Q40 (prediction geometry), Q41 (volumes smaller than the patch), Q42 (one preprocessing path).
+See docs/pipeline.md#sliding-window-inference (window placement, logit mean, uniform averaging), #preprocessing
+(stored npy); quirks (docs/original-quirks.md) Q40 (prediction geometry), Q41 (volumes smaller than the patch), Q42
+(one preprocessing path).
 Arrays are (D, H, W) = (z, y, x); tensors [B, C, D, H, W].
 """
 import json
@@ -21,13 +22,13 @@ from utils.io import DataError
 
 log = logging.getLogger(__name__)
 
-# test.py --speed -> (stride_xy, stride_z) in voxels (§4)
+# test.py --speed -> (stride_xy, stride_z) in voxels
 STRIDES = {0: (32, 16), 1: (64, 16), 2: (128, 32)}
 
 
 def window_starts(size, patch, stride):
     """Starts of the windows along one axis: ceil((size - patch) / stride) + 1 windows, the k-th at
-    ``min(stride * k, size - patch)`` so the last one is flush with the border (§4 step 2).
+    ``min(stride * k, size - patch)`` so the last one is flush with the border.
 
     Needs ``size >= patch`` (callers pad first, Q41)."""
     if patch < 1 or stride < 1:
@@ -87,7 +88,7 @@ def _pad_to_patch(image, patch_size):
 
 
 def _forward(nets, x, amp):
-    """Mean of the nets' logits (the original's (A(x) + B(x)) / 2), then softmax, per window (§4 step 3)."""
+    """Mean of the nets' logits (the original's (A(x) + B(x)) / 2), then softmax, per window."""
     with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
         logits = None
         for net in nets:
@@ -103,7 +104,7 @@ def sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, num_cla
 
     Windows of ``patch_size`` (D, H, W) start at ``window_starts`` per axis (z with ``stride_z``, y and x with
     ``stride_xy``); per window p = softmax(mean_n logits_n); overlaps are averaged uniformly (score / count)
-    and the label is the argmax (§4). Volumes smaller than the patch are zero-padded and cropped back (Q41).
+    and the label is the argmax. Volumes smaller than the patch are zero-padded and cropped back (Q41).
     ``amp`` None = fp16 autocast on CUDA, fp32 on CPU (the original ran fp32: pass amp=False to match).
     Returns (label_map (D, H, W) int64, prob_map (C, D, H, W) float32 or None if not ``return_probs``).
     """
@@ -174,7 +175,7 @@ def grid_geometry(spacing, origin, direction, source_shape, grid_shape):
 
 
 def raw_image_candidates(task, case_id):
-    """Where the raw NIfTI of a case would be (§3.1), in lookup order."""
+    """Where the raw NIfTI of a case would be (docs/pipeline.md#raw-data), in lookup order."""
     if task.raw_layout == "amos":
         return [os.path.join(task.raw_dir, sub, f"{case_id}.nii.gz") for sub in ("imagesVa", "imagesTr")]
     return [os.path.join(task.raw_dir, "imagesTr", f"img{case_id}.nii.gz")]
@@ -220,7 +221,7 @@ def case_geometry(task, case_id, stored_shape, grid_shape):
 
 
 def load_image(task, case_id):
-    """The stored float32 raw-intensity volume ``<npy_dir>/<id>_image.npy`` (§3.2), checked."""
+    """The stored float32 raw-intensity volume ``<npy_dir>/<id>_image.npy``, checked."""
     path = os.path.join(task.npy_dir, f"{case_id}_image.npy")
     if not os.path.isfile(path):
         raise DataError(f"{path}: image not found (run preprocessing first)")

@@ -1,4 +1,5 @@
-"""Weight initialisation of the original's training scripts (methods/cps.md §2, methods/dhc.md §3, Q38).
+"""Weight initialisation of the original's training scripts (docs/pipeline.md#initialisation,
+docs/methods.md; Q38 in docs/original-quirks.md).
 
 Only ``nn.Conv3d`` weights are re-drawn and ``nn.BatchNorm3d`` reset to weight 1 / bias 0. Conv biases keep the
 PyTorch default, and ``nn.ConvTranspose3d`` is not a ``Conv3d`` subclass, so the up-convolutions keep their

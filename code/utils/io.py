@@ -155,7 +155,7 @@ def read_list(path):
     """Ids of a split file: non-empty stripped lines, sorted.
 
     The original used ``np.loadtxt(dtype=str)``, which turns a one-line file into a string whose characters
-    then get sorted (Q21)."""
+    then get sorted (Q21, docs/original-quirks.md)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: split file not found (run preprocessing first)")
     with open(path) as f:

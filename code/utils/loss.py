@@ -1,4 +1,5 @@
-"""Losses of the original ``utils/loss.py`` (architecture-reference §2; methods/dhc.md §5, (L1)-(L4)).
+"""Losses of the original ``utils/loss.py`` (docs/pipeline.md#losses; docs/methods.md#dhc (L1)-(L4);
+Qn: docs/original-quirks.md).
 
 Conventions kept from the original: the soft Dice term is ``-mean(dc)`` (negative, not 1 - Dice), batch dice sums
 over batch *and* space, background is dropped, class weights multiply ``dc[1:]``, and the weighted CE is
@@ -70,7 +71,7 @@ class _ClassWeighted(nn.Module):
 
 
 class SoftDiceLoss(_ClassWeighted):
-    """Soft Dice ``dc_c = (2TP + smooth) / (2TP + FP + FN + smooth + 1e-8)`` (architecture-reference §2).
+    """Soft Dice ``dc_c = (2TP + smooth) / (2TP + FP + FN + smooth + 1e-8)`` (docs/pipeline.md#losses).
 
     ``forward(x, y, loss_mask=None, is_training=True)``: x [B, C, ...] (``apply_nonlin`` applied first), y a
     label map or one-hot. Returns ``-mean(dc)`` when training, else the dc vector ([C'] with batch dice,
@@ -180,7 +181,7 @@ class DC_and_CE_loss(nn.Module):
 
 class WeightedCrossEntropyLoss(_ClassWeighted):
     """Per-voxel ``w_t·nll`` × optional detached ``weight_map`` [B, ...], then a plain mean over all voxels
-    (not divided by Σw or by the map's sum; methods/depl.md step 7, methods/cld.md step 8)."""
+    (not divided by Σw or by the map's sum; docs/methods.md#depl, #cld)."""
 
     def forward(self, input, target, weight_map=None):
         if target.dim() == input.dim():
@@ -209,7 +210,7 @@ def hard_dice(pred, gt, num_cls, do_bg=False, smooth=1e-8, reduce=None):
     """Dice of hard label maps, summed over all given voxels: ``(2TP + s) / (2TP + FP + FN + s + 1e-8)``.
 
     pred, gt: integer tensors of one shape (one volume for the per-volume validation metric, Q35; a batch for
-    DiffDW's batch Dice, methods/dhc.md §4.2). Returns a float32 tensor of length C (do_bg) or C - 1 on pred's
+    DiffDW's batch Dice, docs/methods.md#dhc (F1)). Returns a float32 tensor of length C (do_bg) or C - 1 on pred's
     device. Equals the original's SoftDiceLoss(smooth=1e-8) on one-hots: a class absent from both scores 0.5.
     ``reduce`` (e.g. ``utils.distributed.all_reduce_sum``) combines the per-class counts before the division.
     Counts are exact integers (one-hot products are exact in fp32 below 2^24 voxels, as in the original).

@@ -1,6 +1,7 @@
 """Per-class Dice and surface distances, computed on the bounding box of pred ∪ gt.
 
-Spec: architecture-reference.md §5; quirks Q7 (medpy-free re-implementation with identical values), Q45-Q47.
+See docs/pipeline.md#evaluation; quirks (docs/original-quirks.md) Q7 (medpy-free re-implementation with identical
+values), Q45-Q47.
 
 ``dice`` and ``asd`` return the values of ``medpy.metric.binary.dc`` / ``.asd``. medpy's surface of a mask is
 the mask minus its binary erosion (connectivity-1 cross, voxels outside the array count as background), and
@@ -112,7 +113,8 @@ def standard_values(stats):
 
 
 def case_metrics(pred_labels, gt_labels, num_cls, both_empty="paper"):
-    """All classes of one case -> [C-1, 2] (Dice x100, ASD voxels) exactly as evaluate_Ntimes.py (§5)."""
+    """All classes of one case -> [C-1, 2] (Dice x100, ASD voxels) exactly as evaluate_Ntimes.py
+    (docs/pipeline.md#evaluation)."""
     return paper_values(class_stats(pred_labels, gt_labels, num_cls), both_empty)
 
 

@@ -1,8 +1,9 @@
-"""Schedules as pure functions of the epoch (architecture-reference §7; methods/dhc.md §7).
+"""Schedules as pure functions of the epoch (docs/pipeline.md#schedules).
 
-The original updates the LR and the unsupervised weight *after* each epoch, so epoch e trains with the values
-computed for e - 1 (epochs 0 and 1 share the initial values, Q34). ``lr_at_epoch``/``unsup_weight_at_epoch``
-return what epoch e actually trains with, so a resumed run needs no schedule state.
+The original updates the LR and the unsupervised weight *after* each epoch, so epoch e trains with the values computed
+for e - 1 (epochs 0 and 1 share the initial values, Q34 in docs/original-quirks.md).
+``lr_at_epoch``/``unsup_weight_at_epoch`` return what epoch e actually trains with, so a resumed run needs no schedule
+state.
 """
 import math
 

@@ -1,5 +1,6 @@
 """The training CLI (the original's flags plus ours), its resolution into one frozen run configuration, and
-``run.json`` (everything needed to rebuild the run: test.py reads the network from it, Q43)."""
+``run.json`` (everything needed to rebuild the run: test.py reads the network from it, Q43).
+Qn: docs/original-quirks.md."""
 import argparse
 import dataclasses
 import os

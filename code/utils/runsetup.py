@@ -2,7 +2,7 @@
 
 Loaders are built here only: under torchrun with several processes each rank reads its own share through a
 ``DistributedSampler``; the labeled set repeats to the unlabeled set's length and an epoch zips both loaders
-(docs/pipeline.md).
+(docs/pipeline.md#loaders). Q37: docs/original-quirks.md.
 """
 import logging
 import os
@@ -58,7 +58,8 @@ def make_loader(dataset, cfg, method, shuffle=True, epoch=0, stream=0):
 
 
 def build_datasets(cfg, method):
-    """(labeled, unlabeled or None, eval) datasets. The labeled set repeats to the unlabeled length (§3.5)."""
+    """(labeled, unlabeled or None, eval) datasets. The labeled set repeats to the unlabeled length
+    (docs/pipeline.md#loaders)."""
     from data.dataset import VolumeDataset
     from data.transforms import make_eval_transform, make_train_transform
     train_tf = make_train_transform(cfg.task, cfg.patch_size, flip=not cfg.no_flip)

@@ -1,7 +1,9 @@
-"""Validation during training: one centre crop per eval volume, hard Dice per foreground class (Q35).
+"""Validation during training: one centre crop per eval volume, hard Dice per foreground class (Q35,
+docs/original-quirks.md).
 
-Spec: methods/dhc.md §8 — argmax of ``method.predict``; ``(2TP + ε) / (2TP + FP + FN + 2ε)`` with ε = 1e-8 per volume,
-so a class absent from both crop and prediction scores 0.5; mean over volumes per class. fp32, eval mode.
+See docs/pipeline.md#validation-and-checkpoints — argmax of ``method.predict``; ``(2TP + ε) / (2TP + FP + FN + 2ε)``
+with ε = 1e-8 per volume, so a class absent from both crop and prediction scores 0.5; mean over volumes per class.
+fp32, eval mode.
 
 The volumes are iterated through a DataLoader with the original's settings (batch 1, no shuffle, no workers): each
 validation thereby draws one number from the global torch generator (the iterator's base seed), as the original
