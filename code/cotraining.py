@@ -1,9 +1,10 @@
 """Two networks that teach each other: the shared shape of DHC and its co-training baselines (docs/methods.md).
 
-``CoTraining`` owns what every two-net method of the paper's table repeats: networks ``A`` and ``B`` built
-through ``models.build_network(self.network, …)`` (so ``run.json`` records by construction what was trained),
-constructed both and *then* initialised (the original's order, which fixes the seeded draws), one forward of each
-net over the labeled-first batch ``cat([x_l, x_u])``, detached hard pseudo-labels, and the CPS pair of losses
+``CoTraining`` owns what every two-net method of the paper's table repeats: networks ``A`` and ``B`` built through
+``models.build_network(self.network, …)`` (so ``run.json`` records by construction what was trained), constructed both
+and *then* initialised (the original's order, which fixes the seeded draws; Q38 in docs/original-quirks.md), one
+forward of each net over the labeled-first batch ``cat([x_l, x_u])``, detached hard pseudo-labels, and the CPS pair of
+losses
 
     L_sup = S_A(z_A[:n_l], y) + S_B(z_B[:n_l], y),   L_cps = C_A(z_A, ŷ_B) + C_B(z_B, ŷ_A)
 

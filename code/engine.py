@@ -1,8 +1,8 @@
 """The shared training loop: CLI, loaders, AMP, optimisers, schedules, validation, checkpoints, resume, logs.
 
 It knows nothing about any method. A method subclasses ``Method`` (below) and ends its file with
-``if __name__ == "__main__": run(MyMethod)``. Spec: architecture-reference.md §3.5, methods/dhc.md §2, §6-8;
-quirks Q3-Q5, Q8, Q30, Q34-Q37.
+``if __name__ == "__main__": run(MyMethod)``. Described in docs/pipeline.md#loaders and #training-loop and in
+docs/methods.md (shared settings); quirks Q3-Q5, Q8, Q30, Q34-Q37 (Qn: docs/original-quirks.md).
 
 Per run: ``on_train_start(labeled_ds)``; per iteration, under autocast: ``training_step(x_l, y_l, x_u, step)`` ->
 dict of scalar tensors with a ``loss`` entry; the engine backpropagates and steps one SGD per ``nets`` entry, then
@@ -165,7 +165,7 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
 
 
 def make_optimizers(method, base_lr):
-    """One SGD per trained net (methods/dhc.md §2): momentum 0.9, nesterov, weight decay 3e-5."""
+    """One SGD per trained net (docs/pipeline.md#schedules): momentum 0.9, nesterov, weight decay 3e-5."""
     return {name: torch.optim.SGD(net.parameters(), lr=base_lr, momentum=0.9, weight_decay=3e-5, nesterov=True)
             for name, net in method.nets.items()}
 
@@ -375,7 +375,8 @@ class Trainer:
                 w.add_scalar(tag, float(value), epoch)
 
     def maybe_validate(self, epoch):
-        """Every eval_every epochs (epoch 0 included): centre-crop Dice, best checkpoint, early stop (§8)."""
+        """Every eval_every epochs (epoch 0 included): centre-crop Dice, best checkpoint, early stop
+        (docs/pipeline.md#validation-and-checkpoints)."""
         cfg = self.cfg
         if epoch % cfg.eval_every != 0:
             return False

@@ -1,6 +1,6 @@
 """Per-class Dice / ASD of a run's test predictions over folds -> ``logs/<exp>/evaluation_res.txt``.
 
-Spec: architecture-reference.md §5; quirks Q45-Q52. Usage, from the repository root:
+See docs/pipeline.md#evaluation; quirks Q45-Q52 (docs/original-quirks.md). Usage, from the repository root:
     python code/evaluate_Ntimes.py --task synapse --exp Task_synapse_20p/dhc --folds 3 --cps AB
 
 Faithful by default: paper conventions (both empty -> Dice 1 / ASD 0, Q45; one-sided empty -> 0 / 128, Q46),
@@ -82,7 +82,7 @@ def to_label_map(array, path, num_cls):
 
 
 def load_gt(task, case_id, mode):
-    """(label map on the evaluation grid, source path). raw: the original's resize per task (§5);
+    """(label map on the evaluation grid, source path). raw: the original's resize per task;
     npy: the preprocessed label through the training pipeline (prepare_label)."""
     raw = next((p for p in raw_label_candidates(task, case_id) if os.path.isfile(p)), None)
     if mode == "raw" or (mode == "auto" and raw is not None):
@@ -151,7 +151,8 @@ def _std(a, axis):
 
 
 def reduce_folds(values):
-    """values [folds, cases, classes, 2] -> every summary of §5, in the original's order of means.
+    """values [folds, cases, classes, 2] -> every summary of docs/pipeline.md#evaluation, in the original's order of
+    means.
 
     Per fold: per-class mean over cases and their mean over classes ("Average"). Across folds: R = mean over
     folds [cases, classes, 2]; final per class = mean over cases of R; final average = its mean over classes;

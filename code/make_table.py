@@ -3,8 +3,8 @@
 Reads the ``results.json`` written by evaluate_Ntimes.py. Usage, from the repository root:
     python code/make_table.py --exps 'Task_synapse_20p/*' --out logs/Task_synapse_20p/table
 Rows = methods; columns = per-organ Dice, average Dice, average ASD, each mean ± std over folds.
-``--metrics paper`` (default) uses the paper's conventions (Q45-Q47); ``standard`` uses Dice with both-empty
-pairs excluded and symmetric ASSD in mm.
+``--metrics paper`` (default) uses the paper's conventions (Q45-Q47, docs/original-quirks.md); ``standard`` uses Dice
+with both-empty pairs excluded and symmetric ASSD in mm.
 """
 import argparse
 import csv

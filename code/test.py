@@ -1,8 +1,8 @@
 """Sliding-window inference of a trained run -> one NIfTI label map per case.
 
-Spec: architecture-reference.md §4; quirks Q40 (uint8 labels with geometry), Q41 (padding), Q42 (one
-preprocessing path, Synapse halving for every method), Q43 (architecture from run.json, --cps A|B|AB), Q44
-(checkpoint loaded once with map_location). Usage, from the repository root:
+See docs/pipeline.md#sliding-window-inference; quirks (docs/original-quirks.md) Q40 (uint8 labels with geometry), Q41
+(padding), Q42 (one preprocessing path, Synapse halving for every method), Q43 (architecture from run.json, --cps
+A|B|AB), Q44 (checkpoint loaded once with map_location). Usage, from the repository root:
 
     python code/test.py --task synapse --exp Task_synapse_20p/dhc/fold1 --cps AB [--speed 0] [--device auto]
 

@@ -2,7 +2,7 @@
 
 Two VNets trained by cross pseudo supervision; A is weighted by DiffDW (difficulty-aware), B by DistDW
 (distribution-aware); each model's weights enter both its supervised and its CPS loss.
-Spec: methods/dhc.md §4 (D1)-(D4), (F1)-(F8); §5 (L1)-(L4); §6 (E1)-(E3).
+See docs/methods.md#dhc: (D1)-(D4), (F1)-(F8), (L1)-(L4), (E1)-(E3); Qn: docs/original-quirks.md.
 Faithful on purpose: DistDW counts B's *own* unlabeled argmax (Q28); background weight of B is 0 (Q29);
 DiffDW compares consecutive, different batches and starts from Dprev = ε (Q32); weights are ×C (Q33).
 """
@@ -18,7 +18,7 @@ EPS = 1e-8
 
 
 class DistDW:
-    """Distribution-aware debiased weighting (§4.1): rare classes get large weights; B's weights."""
+    """Distribution-aware debiased weighting ((D1)-(D4)): rare classes get large weights; B's weights."""
 
     def __init__(self, num_cls, momentum=0.99):
         self.num_cls, self.momentum = num_cls, momentum
@@ -59,7 +59,7 @@ class DistDW:
 
 
 class DiffDW:
-    """Difficulty-aware debiased weighting (§4.2): classes being unlearned and with low Dice get large weights."""
+    """Difficulty-aware debiased weighting ((F1)-(F8)): classes being unlearned and with low Dice get large weights."""
 
     def __init__(self, num_cls, accumulate_iters=50):
         self.num_cls = num_cls
@@ -117,7 +117,7 @@ class DHC(CoTraining):
         self.w_b = self.dist_dw.init_weights(labeled_ds)
 
     def training_step(self, x_l, y_l, x_u, step):
-        logits_a, logits_b, n = self.forward_both(x_l, x_u)                # labeled first (§6 step 1)
+        logits_a, logits_b, n = self.forward_both(x_l, x_u)                # labeled first
         self.w_a = self.diff_dw.cal_weights(logits_a[:n].detach(), y_l)   # step 5: A's labeled half vs GT
         self.w_b = self.dist_dw.get_ema_weights(logits_b[n:].detach())     # step 6: B's own unlabeled half
         loss_sup, loss_cps = self.cps_pair(logits_a, logits_b, y_l, n, self.w_a, self.w_b)  # (E1), (E2)

@@ -1,9 +1,9 @@
 """Supervised VNet reference of the DHC paper: the labeled-only lower bound (``-sl labeled_Xp``) or, on the
-whole ``train`` split, the fully supervised upper bound. Spec: methods/fully.md §2-4.
+whole ``train`` split, the fully supervised upper bound. See docs/methods.md#fully.
 
 Faithful on purpose: PyTorch default init (the original's kaiming call is commented out); unweighted CE + Dice;
 batch 4; no early stopping; ``best_model.pth`` is the bare state dict. Accepts the three-seed scripts' flags
-(``-w -r -su`` are ignored), so ``train3times_seeds_*.sh -m fully`` works (Q13).
+(``-w -r -su`` are ignored), so ``train3times_seeds_*.sh -m fully`` works (Q13, docs/original-quirks.md).
 """
 from engine import Method, run
 from utils.loss import DC_and_CE_loss

@@ -1,4 +1,4 @@
-"""VNet of the original repository (architecture-reference §1.1, methods/fully.md §2).
+"""VNet of the original repository (docs/pipeline.md#vnet).
 
 Module names, Sequential indices and construction order follow the original exactly, so the authors'
 ``best_model.pth`` loads with ``strict=True`` and a seeded construction draws the same default init:
@@ -8,7 +8,8 @@ import torch.nn as nn
 
 NORMALIZATIONS = ("batchnorm", "groupnorm", "instancenorm", "none")
 
-# Stage name, ConvBlock depth and width (in units of n_filters), encoder then decoder (§1.1 module tree).
+# Stage name, ConvBlock depth and width (in units of n_filters), encoder then decoder (the layout in
+# docs/pipeline.md#vnet).
 _STAGES = (("one", 1, 1), ("two", 2, 2), ("three", 3, 4), ("four", 3, 8), ("five", 3, 16),
            ("six", 3, 8), ("seven", 3, 4), ("eight", 2, 2), ("nine", 1, 1))
 
