@@ -1,4 +1,5 @@
-"""VolumeDataset, class_counts, seed_worker (architecture-reference.md §3.3, §3.5; Q21, Q24, Q25, Q27)."""
+"""VolumeDataset, class_counts, seed_worker (docs/pipeline.md#dataset-and-normalisation, #loaders;
+Q21, Q24, Q25, Q27 in docs/original-quirks.md)."""
 import dataclasses
 import os
 import random

@@ -1,4 +1,5 @@
-"""The shared loop on a tiny on-disk dataset: files written, resume equality, bad input, learning progress."""
+"""The shared loop on a tiny on-disk dataset: files written, resume equality, bad input, learning progress.
+Qn: docs/original-quirks.md."""
 import json
 import os
 

@@ -1,4 +1,5 @@
-"""evaluate_Ntimes.py and make_table.py on hand-built NIfTI cases (architecture-reference §5, Q45-Q52).
+"""evaluate_Ntimes.py and make_table.py on hand-built NIfTI cases (docs/pipeline.md#evaluation; Q45-Q52 in
+docs/original-quirks.md).
 
 Task: the phantom task cut to 3 classes ("c1", "c2", "c3"), 2 test cases, 3 folds, evaluation grid (4, 4, 6)
 (raw labels (4, 8, 12), halved in-plane). Per fold f, case, class -> (Dice x100, ASD voxels):
@@ -142,7 +143,7 @@ def test_cli_writes_original_format(setup, capsys):
 
 
 def _original_text(values, ids):
-    """evaluation_res.txt exactly as the original writes it (architecture-reference §5), from values[f, n, c, 2]."""
+    """evaluation_res.txt exactly as the original writes it (docs/pipeline.md#evaluation), from values[f, n, c, 2]."""
     out = ""
     for fold, v in enumerate(values, 1):
         m = np.mean(v, axis=0)

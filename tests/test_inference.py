@@ -1,4 +1,5 @@
-"""utils.inference: window geometry (§4), sliding-window averaging, padding (Q41), geometry (Q40), prepare_case."""
+"""utils.inference: window geometry, sliding-window averaging, padding (Q41), geometry (Q40), prepare_case.
+docs/pipeline.md#sliding-window-inference; Qn: docs/original-quirks.md."""
 import json
 import logging
 import math

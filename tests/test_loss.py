@@ -1,5 +1,5 @@
-"""Losses against hand formulas (architecture-reference §2; methods/dhc.md §5 and §12 ideas 3-4, 8;
-methods/fully.md §7 ideas 3, 5; methods/cps.md §7 idea 4; Q30)."""
+"""Losses against hand formulas (docs/pipeline.md#losses; docs/methods.md#dhc (L1)-(L4), #fully, #cps;
+Q30 in docs/original-quirks.md)."""
 import numpy as np
 import pytest
 import torch
@@ -110,7 +110,7 @@ def test_weighted_ce_formula_and_scale_invariance():
 
 
 def test_dc_and_ce_matches_hand_formula_and_update_weight():
-    """S_w = CE_w + Dice_w on random logits (methods/dhc.md §12 idea 4; methods/cps.md §7 idea 4 unweighted)."""
+    """S_w = CE_w + Dice_w on random logits (docs/methods.md#dhc (L3); #cps unweighted)."""
     z, y = sample(6)
     w = np.array([0.7, 1.3, 2.9])
     p = np_softmax(z.numpy())
@@ -140,7 +140,7 @@ def test_weight_types_give_the_same_loss(as_type):
 
 
 def test_near_perfect_logits():
-    """±20 one-hot logits, every class present: CE ≈ 0, Dice ≈ -1, total ≈ -1 (methods/fully.md §7 idea 3)."""
+    """±20 one-hot logits, every class present: CE ≈ 0, Dice ≈ -1, total ≈ -1 (docs/methods.md#fully)."""
     _, y = sample(8)
     y[0, 0, 0, 0, :C] = torch.arange(C)
     z = 40 * F.one_hot(y[:, 0], C).permute(0, 4, 1, 2, 3).float() - 20
@@ -178,7 +178,7 @@ def test_ce_is_fp32_under_autocast():
 
 
 def test_ignore_label():
-    """Ignored voxels count in neither term; CE is averaged over the valid voxels (architecture-reference §2)."""
+    """Ignored voxels count in neither term; CE is averaged over the valid voxels (docs/pipeline.md#losses)."""
     z, y = sample(11)
     y[0, 0, 0] = 255
     kept = (y != 255)

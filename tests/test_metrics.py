@@ -1,4 +1,5 @@
-"""utils.metrics against medpy 0.5.2 (Q7) and the paper's empty-class conventions (Q45, Q46)."""
+"""utils.metrics against medpy 0.5.2 (Q7) and the paper's empty-class conventions (Q45, Q46;
+docs/original-quirks.md)."""
 import numpy as np
 import pytest
 from medpy.metric import binary as medpy
@@ -21,7 +22,7 @@ def _pairs(seed, n):
 
 
 def _original_case(pred, gt, num_cls):
-    """evaluate_Ntimes.py's per-class loop with medpy (architecture-reference §5)."""
+    """evaluate_Ntimes.py's per-class loop with medpy (docs/pipeline.md#evaluation)."""
     out = np.zeros((num_cls - 1, 2))
     for i in range(1, num_cls):
         p, g = pred == i, gt == i

@@ -1,5 +1,5 @@
-"""Synthetic CT phantom (code/data/phantom.py; spec shared/PHANTOM.md): determinism, class shares,
-intensities, orientation, NIfTI geometry, AMOS layout, idempotent reruns, CLI."""
+"""Synthetic CT phantom (code/data/phantom.py; described in the README, 'The built-in phantom'): determinism, class
+shares, intensities, orientation, NIfTI geometry, AMOS layout, idempotent reruns, CLI."""
 import json
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""NIfTI -> npy + splits (architecture-reference.md §3.1-3.2; Q15, Q16, Q19, Q20; ARCHITECTURE.md bad input)."""
+"""NIfTI -> npy + splits (docs/pipeline.md#preprocessing, #splits; Q15, Q16, Q19, Q20 in
+docs/original-quirks.md; bad input as the README's Preprocessing section)."""
 import dataclasses
 import json
 import os
@@ -161,7 +162,7 @@ def test_split_rules_reproduce_the_original_counts():
     tr, va = [f"amos_{i:04d}" for i in range(1, 241)], [f"amos_{i:04d}" for i in range(301, 421)]
     amos = amos_splits(tr, va, None, 0)[0]
     assert [len(amos[n]) for n in ("train", "eval", "test")] == [216, 24, 120] and amos["test"] == va
-    # 216 train: int(216*p/100) = 4, 10, 21 labeled for p = 2, 5, 10 (architecture-reference §3.2)
+    # 216 train: int(216*p/100) = 4, 10, 21 labeled for p = 2, 5, 10 (docs/pipeline.md#splits)
     assert [len(labeled_split(amos["train"], p, 0)[f"labeled_{p}p"]) for p in (2, 5, 10)] == [4, 10, 21]
 
 

@@ -1,4 +1,5 @@
-"""Schedules: values per epoch including the original's one-epoch lag (methods/dhc.md §12 idea 7)."""
+"""Schedules: values per epoch including the original's one-epoch lag (docs/pipeline.md#schedules; Q34 in
+docs/original-quirks.md)."""
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def test_lagged_schedules(epoch, expected_arg):
 
 
 def test_spec_examples():
-    # methods/dhc.md §7: E=300, epoch 150 ≈ 0.539·base, epoch 300 ≈ 0.0059·base; λ before epoch 0 = w·e^-5.
+    # E=300, epoch 150 ≈ 0.539·base, epoch 300 ≈ 0.0059·base; λ before epoch 0 = w·e^-5.
     assert ramps.lr_at_epoch(150, 300, 1.0) == pytest.approx(0.539, abs=1e-3)
     assert ramps.lr_at_epoch(300, 300, 1.0) == pytest.approx(0.0059, abs=1e-4)
     assert ramps.unsup_weight_at_epoch(0, 0.1, 300) == pytest.approx(0.1 * 0.0067379, rel=1e-4)

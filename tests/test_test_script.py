@@ -1,4 +1,5 @@
-"""code/test.py end to end on a tiny fake experiment (architecture-reference §4; Q40, Q42-Q44)."""
+"""code/test.py end to end on a tiny fake experiment (docs/pipeline.md#sliding-window-inference;
+Q40, Q42-Q44 in docs/original-quirks.md)."""
 import importlib.util
 import json
 import os

@@ -1,5 +1,5 @@
 """DHC: DistDW and DiffDW against hand computation, weights flowing into the losses, detached pseudo-labels,
-checkpoint layout (methods/dhc.md §12)."""
+checkpoint layout (docs/methods.md#dhc; Qn: docs/original-quirks.md)."""
 import math
 
 import numpy as np
@@ -20,7 +20,7 @@ def tiny_cfg(*extra):
 # ------------------------------------------------------------------------------------------------ DistDW
 
 def test_distdw_init_matches_spec_example():
-    # §12 idea 1: N = [100, 10, 1], C = 3 -> ω = [0, 0.5, 1] -> weights C·ω = [0, 1.5, 3].
+    # (D1)-(D3): N = [100, 10, 1], C = 3 -> ω = [0, 0.5, 1] -> weights C·ω = [0, 1.5, 3].
     label = np.array([0] * 100 + [1] * 10 + [2] * 1)
     w = DistDW(3).init_weights([label[:50], label[50:]])  # counts summed over volumes
     assert torch.allclose(w, torch.tensor([0.0, 1.5, 3.0]), atol=1e-6)

@@ -1,4 +1,5 @@
-"""Per-volume preparation and per-sample transforms (architecture-reference.md §3.3-3.4, Q22-Q26)."""
+"""Per-volume preparation and per-sample transforms (docs/pipeline.md#dataset-and-normalisation, #crops-and-flips;
+Q22-Q26 in docs/original-quirks.md)."""
 import numpy as np
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""VNet layout (architecture-reference §1.1, methods/fully.md §7 ideas 1-2), init helpers (methods/cps.md §7
-idea 5, Q38) and the network registry."""
+"""VNet layout (docs/pipeline.md#vnet), init helpers (docs/pipeline.md#initialisation,
+Q38 in docs/original-quirks.md) and the network registry."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from models.vnet import VNet
 from utils.init import kaiming_normal_init_weight, xavier_normal_init_weight
 from utils.io import ConfigError
 
-# (module, ConvBlock depth or "dw"/"up", weight shape of conv.0 for F=32), copied from architecture-reference §1.1.
+# (module, ConvBlock depth or "dw"/"up", weight shape of conv.0 for F=32), as in docs/pipeline.md#vnet.
 SPEC_F32 = [
     ("block_one", 1, (32, 1, 3, 3, 3)), ("block_one_dw", "dw", (64, 32, 2, 2, 2)),
     ("block_two", 2, (64, 64, 3, 3, 3)), ("block_two_dw", "dw", (128, 64, 2, 2, 2)),
@@ -80,7 +80,7 @@ def test_small_keys_and_output_shape():
 
 
 def test_forward_matches_hand_composition():
-    """Additive skips: recompute the forward block by block (architecture-reference §1.1 'Forward')."""
+    """Additive skips: recompute the forward block by block (docs/pipeline.md#vnet, 'Forward')."""
     torch.manual_seed(1)
     net = VNet(1, 3, 4).eval()
     x = torch.randn(1, 1, 16, 32, 32)
