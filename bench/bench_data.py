@@ -1,9 +1,10 @@
 """Training-sample throughput: prepared-once VolumeDataset vs the original's per-sample full-volume pipeline.
 
-The original (``Synapse_AMOS`` + ``RandomCrop``, architecture-reference.md §3.3-3.4, Q24) re-read the npy
-files, re-normalised and trilinear/nearest-resized the whole 512x512 volume for every sample. Ours does that
-once per volume at construction; per sample only crop + flips + tensor conversion remain.
-First checks both give the same patches for the same np.random draws, then times each (median after warm-up).
+The original (``Synapse_AMOS`` + ``RandomCrop``, docs/pipeline.md#dataset-and-normalisation and #crops-and-flips; Q24
+in docs/original-quirks.md) re-read the npy files, re-normalised and trilinear/nearest-resized the whole 512x512
+volume for every sample. Ours does that once per volume at construction; per sample only crop + flips + tensor
+conversion remain. First checks both give the same patches for the same np.random draws, then times each (median after
+warm-up).
 
     python bench/bench_data.py [--naive-samples 5] [--ours-samples 100]
 """

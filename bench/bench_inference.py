@@ -1,6 +1,6 @@
 """Sliding-window inference: utils.inference (test.py's path) vs the original's one-window-at-a-time loop.
 
-Same two VNets, same volume, same window layout (architecture-reference §4). Outputs are checked first
+Same two VNets, same volume, same window layout (docs/pipeline.md#sliding-window-inference). Outputs are checked first
 (labels identical wherever the reference's top-two probabilities differ by more than 1e-4, probabilities
 allclose), then median wall times over interleaved repetitions are printed with the ratio to the original.
 CPU: phantom size (n_filters 8, patch 32x64x64, volume 48x96x96); CUDA: Synapse size (n_filters 32,
@@ -29,8 +29,8 @@ from utils.inference import STRIDES, prepare_net, sliding_window_predict  # noqa
 
 
 def original_loop(net_a, net_b, image, patch, stride_xy, stride_z, num_classes, device):
-    """The original's test_single_case_AB (§4): axes reversed to (W, H, D), one window at a time, batch 1,
-    torch.no_grad, per-window transfer to numpy and numpy float32 accumulation."""
+    """The original's test_single_case_AB (docs/pipeline.md#sliding-window-inference): axes reversed to (W, H, D), one
+    window at a time, batch 1, torch.no_grad, per-window transfer to numpy and numpy float32 accumulation."""
     image = image.transpose(2, 1, 0)
     pw, ph, pd = patch[::-1]
     ww, hh, dd = image.shape

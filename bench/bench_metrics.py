@@ -1,4 +1,5 @@
-"""Per-case metrics: utils.metrics.case_metrics vs the original's medpy loop (evaluate_Ntimes.py, §5).
+"""Per-case metrics: utils.metrics.case_metrics vs the original's medpy loop (evaluate_Ntimes.py,
+docs/pipeline.md#evaluation).
 
 Synthetic Synapse-like case on the halved evaluation grid: 148 x 256 x 256, 13 organs with realistic voxel
 counts (liver ~2e5 voxels, adrenals ~1e3), prediction = the same organs with perturbed size, position and
@@ -57,7 +58,7 @@ def make_label_map(rng, jitter=0.0, drop=()):
 
 
 def original_case(pred, label, num_cls):
-    """The original's per-class loop with medpy (evaluate_Ntimes.py; architecture-reference §5)."""
+    """The original's per-class loop with medpy (evaluate_Ntimes.py; docs/pipeline.md#evaluation)."""
     from medpy import metric
     values = np.zeros((num_cls - 1, 2))
     for i in range(1, num_cls):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Shared body of train3times_seeds_<N>p.sh: three seeds (0, 1, 666 -> fold1..fold3) of one method at N % labels,
-# each fold tested (sliding window, A+B ensemble), then evaluated over the three folds (Q11, Q12).
+# each fold tested (sliding window, A+B ensemble), then evaluated over the three folds (Q11, Q12 in
+# docs/original-quirks.md).
 # Usage: scripts/train3times.sh N -c GPU -t synapse|amos|phantom -m METHOD [-e SUFFIX] [-l LR] [-w W] [-- EXTRA TRAIN FLAGS]
 # -c 0 runs one process on GPU 0 (the original's command); -c 0,1,2,3 trains and tests with
 # torchrun --standalone --nproc_per_node 4 on those GPUs (2 + 2 patches per GPU: the global batch grows with them).
