@@ -29,6 +29,16 @@ def blob_case(rng):
     return image, label
 
 
+@pytest.fixture(autouse=True)
+def no_repository_data(tmp_path_factory, monkeypatch):
+    """No test reads the repository's own raw data, phantom npy files or logs (after ``make demo`` they exist):
+    those paths point into an empty temporary folder unless a test sets its own. The shipped split lists
+    (``synapse_data/splits``, ``amos_data/splits``) stay visible."""
+    root = tmp_path_factory.mktemp("no-repo-data")
+    for var in ("DHC_SYNAPSE_RAW", "DHC_AMOS_RAW", "DHC_PHANTOM_RAW", "DHC_PHANTOM_DATA", "DHC_LOG_ROOT"):
+        monkeypatch.setenv(var, str(root / var.lower()))
+
+
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
