@@ -35,7 +35,7 @@ demo: phantom clean-demo
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash train3times_seeds_20p.sh -c 0 -t phantom -m dhc -e '' -l 3e-2 -w 0.1 && \
 	$(PY) code/make_table.py --exps $(P20)/dhc --out $(P20)/table && \
 	$(PY) code/plot_run.py --exp $(P20)/dhc --out $(P20)/figures && \
-	echo "DHC on the phantom: $$(tail -n 1 $(P20)/dhc/evaluation_res.txt) (details: $(P20)/dhc/evaluation_res.txt);" \
+	echo "DHC on the phantom: $$(grep "Final Avg Dice" $(P20)/dhc/evaluation_res.txt) (details: $(P20)/dhc/evaluation_res.txt);" \
 	     "training to figures took $$(( $$(date +%s) - start )) s"
 
 # Every implemented method (each code/train_<m>.py) on the phantom with the demo's settings and three seeds, then
