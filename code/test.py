@@ -12,40 +12,23 @@ into a staging folder and replaces the previous set as a whole only when every c
 run leaves the old set untouched (and its staging folder is removed, at the latest by the next run).
 """
 import argparse
-import errno
-import json
 import logging
 import os
 import shutil
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.inference import STRIDES, prepare_case, prepare_net, sliding_window_predict
-from utils.io import (ConfigError, DataError, atomic_path, cli_main, exp_dir, is_out_of_memory, read_list,
-                      remove_stale_tmp)
+from utils.checkpoint import load_net, load_run_nets, read_run_config, select_nets  # noqa: F401 (tests use them)
+from utils.inference import (STRIDES, prepare_case, sliding_window_predict, strides_for,
+                             write_label_map as write_prediction)
+from utils.io import ConfigError, DataError, cli_main, exp_dir, is_out_of_memory, read_list, remove_stale_tmp
 from utils import distributed
 from utils.device import resolve_device
 from utils.task import get_task
 
 log = logging.getLogger("test")
-
-# Fallback without run.json, for released checkpoints: the original picks the network by substring of --exp,
-# tested in this order (Q43); anything else is two VNets.
-EXP_NAME_RULES = (("fully", "VNet"), ("dst", "VNet_Decoupled"), ("urpc", "unet_3D_ds"), ("uamt", "VNet"),
-                  ("acisis", "VNet"), ("ssnet", "VNet4SSNet"), ("unetrpp", "UNETR_PP"))
-DEFAULT_NETWORK = "VNet"
-FIXED_N_FILTERS = {"unet_3D_ds": 16}  # the original builds URPC's U-Net at 16 filters on every task
-
-
-def build_network(name, n_channels, n_classes, n_filters, normalization="batchnorm", has_dropout=False,
-                  patch_size=None):
-    """``models.build_network``, imported on use (tests replace this name with a stand-in)."""
-    from models import build_network as build
-    return build(name, n_channels, n_classes, n_filters, normalization=normalization, has_dropout=has_dropout,
-                 patch_size=patch_size)
 
 
 def parse_args(argv=None):
@@ -63,114 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="fp16 autocast (default: on for CUDA, off on CPU; the original ran fp32)")
     return p.parse_args(argv)
-
-
-def read_run_config(task, exp):
-    """(network kwargs, checkpoint keys or None if unknown, patch size) from ``run.json``, or from the
-    experiment's name without it (released checkpoints, Q43)."""
-    net = {"n_channels": task.num_channels, "n_classes": task.num_cls, "n_filters": task.n_filters,
-           "normalization": "batchnorm"}
-    path = os.path.join(exp_dir(exp), "run.json")
-    if not os.path.isfile(path):
-        name = next((n for key, n in EXP_NAME_RULES if key in exp), DEFAULT_NETWORK)
-        log.info("no run.json in %s: network %s chosen from the experiment name", exp_dir(exp), name)
-        return dict(net, name=name, n_filters=FIXED_N_FILTERS.get(name, task.n_filters)), None, \
-               tuple(task.patch_size)
-    try:
-        with open(path) as f:
-            run = json.load(f)
-        network = run["network"]
-        net.update({k: network[k] for k in ("n_channels", "n_classes", "n_filters", "normalization")
-                    if k in network}, name=network["name"])
-        keys = run.get("checkpoint_keys")
-        keys = [None] if keys is None else [str(k) for k in keys]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: unreadable run config ({type(e).__name__}: {e})") from None
-    if run.get("task", task.name) != task.name:
-        raise ConfigError(f"{path}: run trained on task {run['task']!r}, but --task is {task.name!r}")
-    if net["n_classes"] != task.num_cls:
-        raise ConfigError(f"{path}: network has {net['n_classes']} classes, task {task.name} has {task.num_cls}")
-    return net, keys, tuple(run.get("patch_size") or task.patch_size)
-
-
-def load_checkpoint(path, expected_keys=None):
-    """{key: state dict} ({None: sd} for a bare state dict, the original's single-net layout), loaded once on
-    the CPU (Q44); ``expected_keys`` (run.json's checkpoint_keys) must match the file's layout."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: checkpoint not found (train the run first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights-only errors have no common base class
-        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        nets = {None: ckpt}
-    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, dict) for v in ckpt.values()):
-        nets = {str(k): v for k, v in sorted(ckpt.items())}
-    else:
-        raise DataError(f"{path}: expected a state dict or a dict of state dicts (the original's {{'A', 'B'}})")
-    if expected_keys is not None and sorted(nets, key=str) != sorted(expected_keys, key=str):
-        raise DataError(f"{path}: run.json expects {_layout(expected_keys)}, the file has {_layout(nets)}")
-    return nets
-
-
-def _layout(keys):
-    keys = list(keys)
-    return "a bare state dict" if keys == [None] else "nets " + ", ".join(keys)
-
-
-def select_nets(ckpt, cps, path):
-    """Checkpoint keys to run: a bare state dict ignores --cps (as the original); AB (or no --cps) = every net,
-    logits averaged; A / B = that net alone (the original crashed there, Q43)."""
-    if None in ckpt:
-        return [None]
-    if cps in ("A", "B"):
-        if cps not in ckpt:
-            raise DataError(f"{path}: no net {cps!r} in the checkpoint (has {', '.join(ckpt)})")
-        return [cps]
-    return list(ckpt)
-
-
-def state_dict_mismatch(expected, found):
-    """One-line summary of why ``found`` does not fit a network whose state dict is ``expected``."""
-    for key, value in expected.items():
-        if key in found and tuple(found[key].shape) != tuple(value.shape):
-            return f"{key} has shape {list(found[key].shape)}, expected {list(value.shape)}"
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    parts = [f"{len(missing)} missing keys (e.g. {missing[0]})"] if missing else []
-    parts += [f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})"] if unexpected else []
-    return ", ".join(parts)
-
-
-def load_net(spec, state_dict, where, device):
-    """Eval-mode network of ``spec`` with ``state_dict`` (strict); a mismatch is a one-line DataError."""
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        net = build_network(spec["name"], has_dropout=False, **kwargs)
-    except (KeyError, ValueError, NotImplementedError) as e:
-        raise ConfigError(f"{where}: cannot build network {spec['name']!r} ({e})") from None
-    problem = state_dict_mismatch(net.state_dict(), state_dict)
-    if problem:
-        raise DataError(f"{where}: not a {spec['name']} checkpoint for {spec['n_classes']} classes ({problem})")
-    net.load_state_dict(state_dict, strict=True)
-    return prepare_net(net, device)
-
-
-def write_prediction(path, labels, geometry):
-    """uint8 labels with the inference grid's spacing and the source's origin/direction (Q40), atomically."""
-    import SimpleITK as sitk
-    assert labels.min() >= 0 and labels.max() < 256, "label ids must fit uint8"
-    image = sitk.GetImageFromArray(labels.astype(np.uint8))
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    with atomic_path(path) as tmp:
-        try:
-            sitk.WriteImage(image, tmp, True)
-        except RuntimeError as e:  # ITK's write errors are RuntimeErrors: name a full disk as one
-            if shutil.disk_usage(os.path.dirname(tmp)).free < 2 * labels.size:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
-            raise DataError(f"{path}: cannot write the prediction ({str(e).strip().splitlines()[-1]})") from None
 
 
 def prediction_dir(exp, cps, ckpt):
@@ -193,16 +68,6 @@ def replace_folder(staged, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def strides_for(speed, patch_size):
-    """``--speed`` strides, capped at the patch: --speed 2 (xy 128) would leave gaps with the phantom's 64."""
-    stride_xy, stride_z = STRIDES[speed]
-    capped = min(stride_xy, patch_size[1], patch_size[2]), min(stride_z, patch_size[0])
-    if capped != (stride_xy, stride_z):
-        log.warning("--speed %d strides (xy %d, z %d) capped to the patch %s: (xy %d, z %d)", speed, stride_xy,
-                    stride_z, tuple(patch_size), *capped)
-    return capped
-
-
 def run(args):
     task = get_task(args.task)
     if args.sw_batch_size < 1:
@@ -217,16 +82,12 @@ def run(args):
     if missing:  # checked up front so a bad split leaves no partial prediction folder
         raise DataError(f"{os.path.join(task.npy_dir, missing[0] + '_image.npy')}: image not found "
                         f"({len(missing)} of {len(ids)} cases of split {args.split!r} missing)")
-    spec, expected_keys, patch_size = read_run_config(task, args.exp)
-    ckpt_path = os.path.join(exp_dir(args.exp), "ckpts", "best_model.pth")
-    ckpt = load_checkpoint(ckpt_path, expected_keys)
-    keys = select_nets(ckpt, args.cps, ckpt_path)
-    spec = dict(spec, patch_size=patch_size)  # sizes UNETR_PP's positional embeddings; VNet ignores it
-    nets = [load_net(spec, ckpt[k], ckpt_path if k is None else f"{ckpt_path}['{k}']", device) for k in keys]
-    out_dir = prediction_dir(args.exp, args.cps, ckpt)
+    run_nets = load_run_nets(task, args.exp, args.cps, device)
+    nets, patch_size = run_nets.nets, run_nets.patch_size
+    out_dir = prediction_dir(args.exp, args.cps, dict.fromkeys(run_nets.layout))
     stride_xy, stride_z = strides_for(args.speed, patch_size)
-    log.info("%s x%d (%s) on %s, speed %d -> %s", spec["name"], len(nets), "+".join(map(str, keys)), device,
-             args.speed, out_dir)
+    log.info("%s x%d (%s) on %s, speed %d -> %s", run_nets.spec["name"], len(nets),
+             "+".join(map(str, run_nets.keys)), device, args.speed, out_dir)
     if distributed.is_main():
         remove_stale_tmp(exp_dir(args.exp))  # staging folders of killed test runs
     # torchrun: rank 0 names and makes the staging folder, every rank writes its share of the cases into it

@@ -20,6 +20,7 @@ import numpy as np
 
 from data.preprocess_common import (geometry_meta, head_tail, load_case, pair_cases, permuted, require_folder,
                                     resolve_task, run_cli, run_preprocessing)
+from data.transforms import stored_volume
 from utils.io import DataError
 
 LAYOUTS = (("imagesTr", "labelsTr"), (os.path.join("Training", "img"), os.path.join("Training", "label")))
@@ -61,7 +62,7 @@ def synapse_splits(ids, test, seed):
 def convert_case(case, task):
     """(float32 image, int8 label, meta) on the source grid, raw intensities (docs/pipeline.md#preprocessing)."""
     image, label, itk = load_case(case, task.num_cls)
-    image = image.astype(np.float32)
+    image = stored_volume(image, task)
     return image, label.astype(np.int8), geometry_meta(itk, image.shape, case.image)
 
 

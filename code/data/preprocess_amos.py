@@ -19,7 +19,7 @@ import numpy as np
 
 from data.preprocess_common import (geometry_meta, head_tail, load_case, pair_cases, permuted, require_folder,
                                     resolve_task, run_cli, run_preprocessing, shipped_splits)
-from data.transforms import resize_image, resize_label
+from data.transforms import resize_label, stored_volume
 from utils.io import DataError
 
 SUBSETS = ("Tr", "Va")  # imagesTr/labelsTr -> train + eval, imagesVa/labelsVa -> test
@@ -61,7 +61,7 @@ def amos_splits(tr_ids, va_ids, test, seed):
 def convert_case(case, task):
     """(float32 image, uint8 label, meta) on task.fixed_grid; meta geometry is the source image's."""
     image, label, itk = load_case(case, task.num_cls)
-    image = resize_image(image, task.fixed_grid)
+    image = stored_volume(image, task)
     label = resize_label(label, task.fixed_grid).astype(np.uint8)  # stored as uint8 (Q19; the original: float32)
     return image, label, geometry_meta(itk, image.shape, case.image)
 

@@ -58,6 +58,14 @@ def halve_inplane_label(label):
     return resize_label(label, (d, h // 2, w // 2))
 
 
+def stored_volume(image, task):
+    """Raw scan (D, H, W) -> the float32 volume preprocessing stores in ``<id>_image.npy``: raw intensities,
+    resized trilinearly to ``task.fixed_grid`` (AMOS, Q19) or on the scan's own grid (Synapse, phantom)."""
+    if task.fixed_grid:
+        return resize_image(image, task.fixed_grid)
+    return np.asarray(image, dtype=np.float32)
+
+
 def prepare_image(image, task):
     """Stored raw-intensity volume -> normalised float32 volume on the training/inference grid."""
     image = normalize_intensity(image, task.window)

@@ -5,25 +5,38 @@ See docs/pipeline.md#sliding-window-inference (window placement, logit mean, uni
 (one preprocessing path).
 Arrays are (D, H, W) = (z, y, x); tensors [B, C, D, H, W].
 """
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
-from itertools import product
+from itertools import combinations, product
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.transforms import prepare_image
+from data.transforms import prepare_image, stored_volume
 from utils.device import place_module
-from utils.io import DataError
+from utils.io import DataError, atomic_path
 
 log = logging.getLogger(__name__)
 
 # test.py --speed -> (stride_xy, stride_z) in voxels
 STRIDES = {0: (32, 16), 1: (64, 16), 2: (128, 32)}
+ALL_MIRRORS = (0, 1, 2)  # --tta: every flip of the D, H and W axes (8 passes)
+
+
+def strides_for(speed, patch_size):
+    """``--speed`` strides, capped at the patch: --speed 2 (xy 128) would leave gaps with the phantom's 64."""
+    stride_xy, stride_z = STRIDES[speed]
+    capped = min(stride_xy, patch_size[1], patch_size[2]), min(stride_z, patch_size[0])
+    if capped != (stride_xy, stride_z):
+        log.warning("--speed %d strides (xy %d, z %d) capped to the patch %s: (xy %d, z %d)", speed, stride_xy,
+                    stride_z, tuple(patch_size), *capped)
+    return capped
 
 
 def window_starts(size, patch, stride):
@@ -87,29 +100,57 @@ def _pad_to_patch(image, patch_size):
     return image, tuple(crop)
 
 
-def _forward(nets, x, amp):
-    """Mean of the nets' logits (the original's (A(x) + B(x)) / 2), then softmax, per window."""
+def mirror_sets(mirror_axes):
+    """Every subset of ``mirror_axes`` (spatial axes of (D, H, W)), the empty one first: the flips of --tta."""
+    axes = sorted(set(int(a) for a in mirror_axes))
+    if any(a not in ALL_MIRRORS for a in axes):
+        raise ValueError(f"mirror_axes must be among {ALL_MIRRORS} (D, H, W), got {tuple(mirror_axes)}")
+    return [flip for r in range(len(axes) + 1) for flip in combinations(axes, r)]
+
+
+def _forward(nets, x, amp, mirrors=((),)):
+    """Mean of the nets' logits (the original's (A(x) + B(x)) / 2), then softmax, per window. With mirroring
+    (--tta, not in the original) the mean also runs over the flipped windows, each output flipped back."""
     with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=amp):
         logits = None
-        for net in nets:
-            out = net(x)
-            out = out[0] if isinstance(out, (tuple, list)) else out  # eval-mode nets return logits only
-            logits = out.float() if logits is None else logits + out.float()
-    return torch.softmax(logits / len(nets), dim=1)
+        for flip in mirrors:
+            dims = [a + 2 for a in flip]  # [B, 1, D, H, W]
+            x_in = x.flip(dims) if dims else x
+            for net in nets:
+                out = net(x_in)
+                out = out[0] if isinstance(out, (tuple, list)) else out  # eval-mode nets return logits only
+                out = out.float().flip(dims) if dims else out.float()
+                logits = out if logits is None else logits + out
+    return torch.softmax(logits / (len(nets) * len(mirrors)), dim=1)
 
 
 def sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, num_classes, sw_batch_size=4,
-                           device=None, amp=None, return_probs=True):
+                           device=None, amp=None, return_probs=True, mirror_axes=()):
     """Label and probability maps of a (D, H, W) normalised float32 volume on the inference grid.
 
     Windows of ``patch_size`` (D, H, W) start at ``window_starts`` per axis (z with ``stride_z``, y and x with
     ``stride_xy``); per window p = softmax(mean_n logits_n); overlaps are averaged uniformly (score / count)
     and the label is the argmax. Volumes smaller than the patch are zero-padded and cropped back (Q41).
     ``amp`` None = fp16 autocast on CUDA, fp32 on CPU (the original ran fp32: pass amp=False to match).
+    ``mirror_axes``: test-time mirroring over every flip of these axes (``sliding_window_scores``).
     Returns (label_map (D, H, W) int64, prob_map (C, D, H, W) float32 or None if not ``return_probs``).
     """
+    score = sliding_window_scores(nets, image, patch_size, stride_xy, stride_z, num_classes, sw_batch_size,
+                                  device, amp, mirror_axes)
+    labels = score.argmax(dim=0).cpu().numpy().astype(np.int64)
+    return labels, (score.cpu().numpy() if return_probs else None)
+
+
+def sliding_window_scores(nets, image, patch_size, stride_xy, stride_z, num_classes, sw_batch_size=4,
+                          device=None, amp=None, mirror_axes=()):
+    """The averaged class probabilities of ``sliding_window_predict``, (C, D, H, W) float32 on ``device``.
+
+    ``mirror_axes`` (spatial axes, e.g. (0, 1, 2)): every window is also run flipped along each subset of them
+    (2**k passes) and the logits are averaged with the nets' before the softmax (nnU-Net's mirroring); () is
+    the original's single pass."""
     nets, image, patch_size = _check_inputs(nets, image, patch_size, stride_xy, stride_z, num_classes,
                                             sw_batch_size)
+    mirrors = mirror_sets(mirror_axes)
     if device is None:
         device = next(iter(nets[0].parameters()), torch.empty(0)).device
     device = torch.device(device)
@@ -121,17 +162,15 @@ def sliding_window_predict(nets, image, patch_size, stride_xy, stride_z, num_cla
     if any(b - a > p for axis, p in zip(starts, patch_size) for a, b in zip(axis, axis[1:])):
         # the original would leave voxels no window covers (count 0 -> NaN probabilities)
         raise ValueError(f"strides (xy {stride_xy}, z {stride_z}) larger than the patch {patch_size} leave gaps")
-    score = _accumulate(nets, volume, patch_size, starts, int(num_classes), int(sw_batch_size), amp)
+    score = _accumulate(nets, volume, patch_size, starts, int(num_classes), int(sw_batch_size), amp, mirrors)
     # count map = product of the per-axis coverages (each window adds 1 to a box)
     cover = [torch.as_tensor(_coverage(s, p, st), device=device)
              for s, p, st in zip(volume.shape, patch_size, starts)]
     score /= cover[0][:, None, None] * cover[1][None, :, None] * cover[2][None, None, :]
-    score = score[(slice(None),) + crop]
-    labels = score.argmax(dim=0).cpu().numpy().astype(np.int64)
-    return labels, (score.cpu().numpy() if return_probs else None)
+    return score[(slice(None),) + crop]
 
 
-def _accumulate(nets, volume, patch_size, starts, num_classes, sw_batch_size, amp):
+def _accumulate(nets, volume, patch_size, starts, num_classes, sw_batch_size, amp, mirrors=((),)):
     """Sum of the per-window probabilities on the device, windows batched by ``sw_batch_size``.
 
     Batching matters on CPU too: for batch 1 and small layers PyTorch picks its native slow_conv3d instead of
@@ -143,7 +182,7 @@ def _accumulate(nets, volume, patch_size, starts, num_classes, sw_batch_size, am
         for i in range(0, len(windows), sw_batch_size):
             batch = windows[i:i + sw_batch_size]
             windows_x = torch.stack([volume[z:z + pd, y:y + ph, x:x + pw] for z, y, x in batch])[:, None]
-            prob = _forward(nets, windows_x, amp)
+            prob = _forward(nets, windows_x, amp, mirrors)
             if prob.shape[1:] != (num_classes, pd, ph, pw):
                 raise ValueError(f"network output {tuple(prob.shape[1:])} for a {patch_size} window; expected "
                                  f"({num_classes}, {pd}, {ph}, {pw})")
@@ -245,3 +284,75 @@ def prepare_case(task, case_id):
     stored = load_image(task, case_id)
     image = prepare_image(stored, task)
     return image, case_geometry(task, case_id, stored.shape, image.shape)
+
+
+def write_label_map(path, labels, geometry):
+    """uint8 labels with ``geometry``'s spacing, origin and direction (Q40), atomically. test.py passes the
+    inference grid's geometry, predict.py the scan's own."""
+    import SimpleITK as sitk
+    assert labels.min() >= 0 and labels.max() < 256, "label ids must fit uint8"
+    image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    with atomic_path(path) as tmp:
+        try:
+            sitk.WriteImage(image, tmp, True)
+        except RuntimeError as e:  # ITK's write errors are RuntimeErrors: name a full disk as one
+            if shutil.disk_usage(os.path.dirname(tmp)).free < 2 * labels.size:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from None
+            raise DataError(f"{path}: cannot write the prediction ({str(e).strip().splitlines()[-1]})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A new scan in, labels on its own grid out (predict.py, docs/pipeline.md#segmenting-new-scans)
+
+def prepare_scan(image, task):
+    """Raw scan (D, H, W) -> normalised float32 volume on the inference grid: the volume preprocessing would
+    store (``stored_volume``: AMOS resized to 80x160x160) through test.py's ``prepare_image`` (clip, min-max,
+    Synapse/phantom in-plane halving)."""
+    return prepare_image(stored_volume(image, task), task)
+
+
+def _axis_lerp(n_out, n_in, device):
+    """Linear interpolation along one axis from ``n_in`` grid voxels to ``n_out`` scan voxels: (lo, hi, w), scan
+    voxel j = (1 - w) grid[lo] + w grid[hi] at grid coordinate j * n_in / n_out. Grid voxel i sits on scan voxel
+    i * n_out / n_in, where the nearest-resized training labels (label[::2] in-plane for Synapse) and test.py's
+    header put it; scan voxels past the last grid voxel take its value."""
+    coord = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lo = coord.floor().clamp(max=n_in - 1)
+    w = (coord - lo).clamp(0, 1)
+    lo = lo.long()
+    hi = (lo + 1).clamp(max=n_in - 1)
+    return lo.to(device), hi.to(device), w.to(device=device, dtype=torch.float32)
+
+
+def _lerp(x, dim, lo, hi, w):
+    """``x`` interpolated along ``dim`` by ``_axis_lerp``'s (lo, hi, w); exactly x[lo] where w = 0."""
+    shape = [1] * x.ndim
+    shape[dim] = len(lo)
+    a = x.index_select(dim, lo)
+    return a + (x.index_select(dim, hi) - a) * w.view(shape)
+
+
+def resample_to_scan(prob, shape, keep_probabilities=False, chunk_bytes=1 << 28):
+    """Class probabilities (C, d, h, w) on the inference grid -> (labels uint8 (D, H, W), probabilities float16
+    (C, D, H, W) or None) on the scan's grid ``shape``: trilinear interpolation of the probabilities (``_axis_lerp``
+    per axis), argmax on the scan's grid. Runs on ``prob``'s device in slabs of scan slices of about
+    ``chunk_bytes`` so a 148x512x512 scan never needs its full float32 probability volume at once."""
+    shape = tuple(int(s) for s in shape)
+    num_classes, device = prob.shape[0], prob.device
+    z_axis, y_axis, x_axis = (_axis_lerp(n_out, n_in, device) for n_out, n_in in zip(shape, prob.shape[1:]))
+    labels = np.empty(shape, dtype=np.uint8)
+    probs = np.empty((num_classes,) + shape, dtype=np.float16) if keep_probabilities else None
+    slab = max(1, chunk_bytes // (4 * num_classes * shape[1] * shape[2]))
+    for z0 in range(0, shape[0], slab):
+        z = slice(z0, min(z0 + slab, shape[0]))
+        part = _lerp(prob, 1, *(t[z] for t in z_axis))
+        for dim, axis in ((2, y_axis), (3, x_axis)):
+            if part.shape[dim] != len(axis[0]):  # an axis of the same size is the identity
+                part = _lerp(part, dim, *axis)
+        labels[z] = part.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        if probs is not None:
+            probs[:, z] = part.to(torch.float16).cpu().numpy()
+    return labels, probs
