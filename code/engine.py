@@ -139,8 +139,7 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
     ``ddp``: the DistributedDataParallel wrappers of the nets (torchrun), used by ``training_step`` only;
     ``average``: torchrun without wrappers, gradients averaged over ranks after backward. A step is skipped on
     every rank when the loss of any rank is not finite."""
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
+    zero_grads(optimizers)
     with distributed.ddp_nets(method, ddp), torch.autocast(cfg.device.type, dtype=torch.float16, enabled=cfg.amp):
         out = method.training_step(x_l, y_l, x_u, step)
 
@@ -156,12 +155,34 @@ def optimize_step(method, optimizers, scaler, cfg, x_l, y_l, x_u, step, ddp=None
     if not distributed.all_true(torch.isfinite(out["loss"]), cfg.device):
         if scaler.is_enabled() and out["loss"].requires_grad:
             backward_and_step()  # the scaler sees the inf/NaN gradients, skips and lowers the scale
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        zero_grads(optimizers)
         return None
     backward_and_step()
     method.after_optimizer_step(step)
     return out
+
+
+def zero_grads(optimizers):
+    """The original's ``zero_grad()`` (PyTorch 1.8): gradients become zero tensors, not None, so SGD keeps applying
+    weight decay and Nesterov momentum to a parameter that once had a gradient also on iterations where it gets
+    none (SS-Net's class selectors); a parameter that never had one stays None and untouched
+    (docs/pipeline.md#schedules)."""
+    for opt in optimizers.values():
+        opt.zero_grad(set_to_none=False)
+
+
+def grads_defined(nets):
+    """{net: [names of the parameters holding a gradient tensor]}: saved in last.pth so that a resumed run zeroes
+    (and so steps) the same parameters as an uninterrupted one."""
+    return {k: [n for n, p in net.named_parameters() if p.grad is not None] for k, net in nets.items()}
+
+
+def restore_grads_defined(nets, names):
+    """Zero gradient tensors for the parameters ``grads_defined`` listed (the state right after ``zero_grads``)."""
+    for k, net in nets.items():
+        params = dict(net.named_parameters())
+        for n in names.get(k, ()):
+            params[n].grad = torch.zeros_like(params[n])
 
 
 def make_optimizers(method, base_lr):
@@ -216,7 +237,8 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scaler": self.scaler.state_dict(), "method": self.method.state_dict(), "rng": rng_state(),
             "rng_ranks": distributed.gather_objects(rng_state()) if self.multi else None,
-            "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row})
+            "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row,
+            "grads_defined": grads_defined(self.method.nets)})
 
     def resume(self):
         """Load last.pth into the nets, optimisers, scaler, method and RNGs, after checking that run.json
@@ -257,6 +279,7 @@ class Trainer:
             self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
             self.nonfinite_total = state["nonfinite_total"]
             self.nonfinite_row = state.get("nonfinite_row", 0)
+            restore_grads_defined(self.method.nets, state.get("grads_defined", {}))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(f"{path}: does not fit this {self.cfg.method} run ({type(e).__name__}: {first[:300]})"

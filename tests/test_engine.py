@@ -99,3 +99,62 @@ def test_dhc_learns_the_liver_on_a_tiny_phantom(tmp_path, monkeypatch):
     liver = [float(line.split(" liver ")[1].split()[0]) for line in lines]
     assert len(lines) == 5 and best > first + 0.02
     assert liver[0] < 0.1 and max(liver) > 0.4  # the largest organ is learned first
+
+
+class EveryOtherStep(engine.Method):
+    """Three parameters: ``a`` in every loss, ``b`` only at even iterations, ``c`` never (DST's pseudo decoder)."""
+
+    def __init__(self):
+        super().__init__(cfg=None)
+        net = torch.nn.Module()
+        for name, value in (("a", 1.0), ("b", -2.0), ("c", 3.0)):
+            net.register_parameter(name, torch.nn.Parameter(torch.full((2,), value)))
+        self.nets = {"m": net}
+
+    def training_step(self, x_l, y_l, x_u, step):
+        net = self.nets["m"]
+        loss = (net.a ** 2).sum() + ((net.b ** 2).sum() if step.it % 2 == 0 else 0)
+        return {"loss": loss}
+
+
+def sgd_with_zero_grad(param, momentum_buffer, lr):
+    """One step of the engine's SGD on a copy of ``param`` whose gradient is an explicit zero tensor."""
+    p = torch.nn.Parameter(param.detach().clone())
+    opt = torch.optim.SGD([p], lr=lr, momentum=0.9, weight_decay=3e-5, nesterov=True)
+    p.grad = torch.zeros_like(p)
+    opt.state[p]["momentum_buffer"] = momentum_buffer.clone()
+    opt.step()
+    return p.detach()
+
+
+def test_zero_grad_keeps_zero_tensors_so_sgd_moves_a_parameter_without_gradient():
+    """PyTorch 1.8's zero_grad (the original's): a parameter that once had a gradient keeps a zero tensor, so weight
+    decay and Nesterov momentum move it on the iterations it gets no gradient; one that never had a gradient stays
+    untouched (docs/pipeline.md#schedules). ``set_to_none=True`` would leave b frozen at iteration 1."""
+    import types
+    method = EveryOtherStep()
+    net, lr = method.nets["m"], 0.1
+    opts = engine.make_optimizers(method, lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = types.SimpleNamespace(device=torch.device("cpu"), amp=False)
+    step = lambda it: engine.Step(0, it, it, lr, 1.0)  # noqa: E731
+    engine.optimize_step(method, opts, scaler, cfg, None, None, None, step(0))  # b gets a gradient
+    b1, buf1 = net.b.detach().clone(), opts["m"].state[net.b]["momentum_buffer"].clone()
+    saved = engine.grads_defined(method.nets)
+    assert saved == {"m": ["a", "b"]}
+    engine.optimize_step(method, opts, scaler, cfg, None, None, None, step(1))  # b gets none
+    expected = sgd_with_zero_grad(b1, buf1, lr)
+    assert not torch.equal(net.b.detach(), b1)
+    assert torch.equal(net.b.detach(), expected)
+    assert torch.equal(net.b.grad, torch.zeros(2))  # a zero tensor, not None
+    assert net.c.grad is None and torch.equal(net.c.detach(), torch.full((2,), 3.0))
+
+    # a resumed run restores the zero tensors from last.pth's "grads_defined": the same update at iteration 1
+    fresh = EveryOtherStep()
+    fresh.nets["m"].load_state_dict({"a": torch.ones(2), "b": b1, "c": net.c.detach()})
+    fresh_opts = engine.make_optimizers(fresh, lr)
+    engine.restore_grads_defined(fresh.nets, saved)
+    fresh_opts["m"].state[fresh.nets["m"].b]["momentum_buffer"] = buf1.clone()
+    assert fresh.nets["m"].c.grad is None
+    engine.optimize_step(fresh, fresh_opts, scaler, cfg, None, None, None, step(1))
+    assert torch.equal(fresh.nets["m"].b.detach(), expected)
