@@ -72,6 +72,56 @@ def test_unet_ds_kaiming_fan_in_init():
     assert w.std().item() == pytest.approx(math.sqrt(2 / (256 * 27)), rel=0.02)
 
 
+def unet_ds_reference_init(n_channels, n_classes, n_filters):
+    """The original unet_3D_ds's draws, written out by hand from its constructors: each Conv3d draws PyTorch's
+    default init when built (weight kaiming-uniform a = √5, bias U(±1/√fan_in)); every UnetConv3 ends by redrawing
+    its two weights kaiming-normal (fan_in); the net's constructor ends by redrawing every Conv3d weight once more,
+    in registration order. Returns {state-dict key: tensor}."""
+    f = [n_filters * 2 ** k for k in range(5)]
+
+    def conv(key, cin, cout, k):
+        w, b = torch.empty(cout, cin, k, k, k), torch.empty(cout)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        nn.init.uniform_(b, -1 / math.sqrt(cin * k ** 3), 1 / math.sqrt(cin * k ** 3))
+        params[key + ".weight"], params[key + ".bias"] = w, b
+
+    def unet_conv3(name, cin, cout):
+        conv(f"{name}.conv1.0", cin, cout, 3)
+        conv(f"{name}.conv2.0", cout, cout, 3)
+        for i in (1, 2):  # the first redraw, inside UnetConv3
+            nn.init.kaiming_normal_(params[f"{name}.conv{i}.0.weight"], a=0, mode="fan_in")
+
+    params = {}
+    for name, cin, cout in (("conv1", n_channels, f[0]), ("conv2", f[0], f[1]), ("conv3", f[1], f[2]),
+                            ("conv4", f[2], f[3]), ("center", f[3], f[4])):
+        unet_conv3(name, cin, cout)
+    for k in (4, 3, 2, 1):
+        unet_conv3(f"up_concat{k}.conv", f[k] + f[k - 1], f[k - 1])
+    for k in (4, 3, 2):
+        conv(f"dsv{k}.dsv.0", f[k - 1], n_classes, 1)
+    conv("dsv1", f[0], n_classes, 1)
+    for key in params:  # the second redraw, over every Conv3d in registration order (= insertion order here)
+        if key.endswith(".weight"):
+            nn.init.kaiming_normal_(params[key], a=0, mode="fan_in")
+    return params
+
+
+def test_unet_ds_init_follows_the_originals_draw_order():
+    """Same seed -> the original's weights, and the CPU random stream left where the original leaves it (two
+    kaiming redraws; one alone, as before, gives other weights and leaves the stream 18 weight tensors behind)."""
+    torch.manual_seed(3)
+    net = build_network("unet_3D_ds", 1, 5, 4)
+    after_net = torch.rand(4)
+    torch.manual_seed(3)
+    reference = unet_ds_reference_init(1, 5, 4)
+    after_reference = torch.rand(4)
+    sd = net.state_dict()
+    assert list(sd) == list(reference)
+    for key, value in reference.items():
+        assert torch.equal(sd[key], value), key
+    assert torch.equal(after_net, after_reference)
+
+
 def test_unet_ds_normalization_options():
     with torch.device("meta"):
         plain = build_network("unet_3D_ds", 1, 3, 4, normalization="none")

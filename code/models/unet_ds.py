@@ -19,7 +19,8 @@ NORMALIZATIONS = ("batchnorm", "instancenorm", "none")
 class UnetConv3(nn.Module):
     """2 × [Conv3d k3 p1, InstanceNorm3d (no affine), ReLU] as ``conv1``, ``conv2`` (keys ``conv{1,2}.0.*``).
 
-    ``norm=False`` drops the InstanceNorm (the original's ``is_batchnorm=False``)."""
+    ``norm=False`` drops the InstanceNorm (the original's ``is_batchnorm=False``). As the original, the constructor
+    ends by redrawing both conv weights kaiming-normal (fan_in): the first of the two redraws of ``unet_3D_ds``."""
 
     def __init__(self, in_size, out_size, norm=True):
         super().__init__()
@@ -27,6 +28,8 @@ class UnetConv3(nn.Module):
             layers = [nn.Conv3d(cin, out_size, 3, 1, 1)]
             layers += [nn.InstanceNorm3d(out_size)] if norm else []
             setattr(self, f"conv{i}", nn.Sequential(*layers, nn.ReLU(inplace=True)))
+        for block in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(block[0].weight, a=0, mode="fan_in")
 
     def forward(self, x):
         return self.conv2(self.conv1(x))
@@ -69,9 +72,13 @@ class unet_3D_ds(nn.Module):  # noqa: N801 (the original's class name: run.json 
     ``eval()`` turns them off; ``has_dropout=False`` skips them in train mode too.
 
     ``normalization``: "batchnorm" (what ``build_network`` passes and what the original's ``is_batchnorm=True``
-    means) and "instancenorm" both give InstanceNorm3d without affine; "none" gives conv + ReLU. Every Conv3d
-    weight is re-drawn kaiming-normal (fan_in, a = 0) in the constructor, as the original; biases keep PyTorch's
-    default.
+    means) and "instancenorm" both give InstanceNorm3d without affine; "none" gives conv + ReLU.
+
+    Initialisation in the original's draw order, so that a seed gives its weights and leaves the CPU random stream
+    where it leaves it (docs/methods.md#urpc): each Conv3d draws PyTorch's default init when it is built, every
+    ``UnetConv3`` redraws its two weights kaiming-normal (fan_in, a = 0) at the end of its constructor, and at the
+    end of this constructor every Conv3d weight is redrawn kaiming-normal once more, in registration order. Biases
+    keep PyTorch's default.
     """
 
     def __init__(self, n_channels=1, n_classes=2, n_filters=16, normalization="batchnorm", has_dropout=True):
@@ -98,7 +105,7 @@ class unet_3D_ds(nn.Module):  # noqa: N801 (the original's class name: run.json 
         self.dsv1 = nn.Conv3d(f[0], n_classes, 1)
         for i, p in enumerate((0.5, 0.3, 0.2, 0.1), start=1):
             setattr(self, f"dropout{i}", nn.Dropout3d(p=p))
-        for m in self.modules():
+        for m in self.modules():  # the second redraw, over the whole net
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, a=0, mode="fan_in")
 
