@@ -94,3 +94,40 @@ def get_task(name: str) -> TaskConfig:
     if name not in tasks:
         raise KeyError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
     return tasks[name]
+
+
+@dataclass(frozen=True)
+class BenchmarkProtocol:
+    """The phantom benchmark (docs/benchmark/phantom_20p.md, run by ``make benchmark``): every method at 20 % labels
+    with the three-seed scripts' ``-l 3e-2 -w 0.1 -r``, sized for a 2-core CPU.
+
+    The phantom is written on a 32 x 128 x 128 grid (halved in-plane to 32 x 64 x 64 at load time, ~6 mm pixels,
+    ~9 mm slices): a 16 x 48 x 48 crop then holds most of the abdomen's cross-section, so every iteration sees most
+    organs, while the class imbalance stays (liver : adrenal > 200 : 1). Every method trains for ``iterations``;
+    the upper bound ``fully_all`` (one VNet on every training case) for ``bound_iterations``, as the original
+    trains its fully supervised VNet for longer (1000 epochs against 300). Runs validate ``n_evals`` times."""
+    name: str = "phantom_20p"
+    phantom_shape: Tuple[int, int, int] = (32, 128, 128)
+    n_cases: int = 20
+    label_ratio: int = 20
+    base_lr: float = 3e-2
+    cps_w: float = 0.1
+    iterations: int = 1200
+    bound_iterations: int = 3000
+    n_evals: int = 20
+    n_filters: int = 16
+    patch_size: Tuple[int, int, int] = (16, 48, 48)
+    unetrpp_patch_size: Tuple[int, int, int] = (32, 32, 32)  # UNETR++ needs sides divisible by 32
+    seeds: Tuple[int, ...] = (0, 1, 666)
+    raw_dir: str = "./Datasets/PhantomBench"
+    data_dir: str = "./phantom_bench_data"
+    log_root: str = "logs/benchmark"
+
+    def schedule(self, iters_per_epoch, iterations):
+        """(max epoch E, eval_every V): about ``iterations`` iterations in E + 1 epochs, ``n_evals`` validations,
+        the last epoch validated (validation runs when epoch % V == 0)."""
+        every = max(1, round(iterations / (self.n_evals * iters_per_epoch)))
+        return every * max(1, round(iterations / (every * iters_per_epoch))), every
+
+
+BENCHMARK = BenchmarkProtocol()

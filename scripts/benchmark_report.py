@@ -1,0 +1,202 @@
+"""Evaluation, table and figures of the phantom benchmark (``scripts/benchmark.py --report``).
+
+Writes into ``docs/benchmark/``: ``phantom_20p.{md,tex,csv,png}`` (make_table.py: one row per method, mean ± std
+over the folds finished so far), ``phantom_20p_curves.png`` (validation mean Dice against iteration, every method)
+and ``phantom_20p_organs.png`` (per-organ test Dice against the organ's voxel share: DHC, CPS and both bounds).
+``phantom_20p.md`` is the table with the protocol, the commands, the commits, seeds per row and timings around it,
+and the hand-written reading of ``phantom_20p_reading.md`` when that file exists.
+"""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "code"), ROOT]
+from config import BENCHMARK as P, SYNAPSE_ORGANS  # noqa: E402
+
+VAL_LINE = re.compile(r"validation epoch (\d+): mean dice ([0-9.]+)")
+STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.\d+\] ")
+HIGHLIGHT = ("dhc", "cps", "fully", "fully_all")
+
+
+def finished_folds(method, folds):
+    """Number k of contiguous finished folds fold1..foldk of a method (evaluate_Ntimes reads fold1..foldk)."""
+    by_fold = {f.fold: f for f in folds if f.method == method}
+    k = 0
+    while k + 1 in by_fold and by_fold[k + 1].trained() and by_fold[k + 1].tested():
+        k += 1
+    return k
+
+
+def evaluate(method, k, env):
+    exp = f"Task_phantom_{P.label_ratio}p/{method}"
+    subprocess.run([sys.executable, "code/evaluate_Ntimes.py", "--task", "phantom", "--exp", exp, "--folds", str(k),
+                    "--cps", "AB", "--no-progress"], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return os.path.join(env["DHC_LOG_ROOT"], exp)
+
+
+def validation_curve(fold):
+    """(iterations, validation mean Dice x100) of one fold's train.log."""
+    path = os.path.join(fold.folder, "train.log")
+    points = {}
+    if os.path.isfile(path):
+        for line in open(path, errors="replace"):
+            m = VAL_LINE.search(line)
+            if m:
+                points[(int(m.group(1)) + 1) * fold.per_epoch] = 100 * float(m.group(2))
+    it = np.array(sorted(points))
+    return it, np.array([points[i] for i in it])
+
+
+def fold_wall_seconds(fold):
+    """Training wall time: first to last time stamp of train.log (resumed runs: the gaps between processes
+    are not counted)."""
+    path = os.path.join(fold.folder, "train.log")
+    if not os.path.isfile(path):
+        return None
+    stamps = [int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
+              for m in map(STAMP.match, open(path, errors="replace")) if m]
+    steps = [(b - a) % 86400 for a, b in zip(stamps, stamps[1:])]
+    return float(sum(s for s in steps if s < 600)) if steps else None
+
+
+def organ_shares(env):
+    """Voxel share (%) of each organ over the training cases' labels."""
+    from utils.io import read_list
+    data = env["DHC_PHANTOM_DATA"]
+    counts = np.zeros(len(SYNAPSE_ORGANS) + 1)
+    for case in read_list(os.path.join(data, "splits", "train.txt")):
+        counts += np.bincount(np.load(os.path.join(data, "npy", f"{case}_label.npy")).ravel().astype(np.int64),
+                              minlength=len(counts))
+    return 100 * counts[1:] / counts.sum()
+
+
+def plot_curves(methods, folds, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.io import atomic_path
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
+        curves = [validation_curve(f) for f in folds if f.method == m]
+        curves = [c for c in curves if len(c[0])]
+        if not curves:
+            continue
+        n = min(len(c[0]) for c in curves)
+        it, dice = curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0)
+        style = dict(lw=2.4) if m in HIGHLIGHT else dict(lw=1.1, alpha=0.85)
+        ls = "--" if m in ("fully", "fully_all") else "-"
+        ax.plot(it, dice, ls, color="black" if m == "dhc" else cmap(i % 20),
+                label=f"{m} ({len(curves)} seed{'s' if len(curves) > 1 else ''})", **style)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation mean Dice (%), centre crop of the 3 eval cases")
+    ax.set_title(f"Phantom {P.label_ratio} % labels: learning curves (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_organs(results, shares, path):
+    """results: {method: (class Dice means, class stds)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils.io import atomic_path
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    order = np.argsort(shares)
+    markers = {"dhc": "o", "cps": "s", "fully": "v", "fully_all": "^"}
+    for m in HIGHLIGHT:
+        if m not in results:
+            continue
+        mean, std = results[m]
+        ax.errorbar(shares[order], mean[order], yerr=std[order], marker=markers[m], capsize=2,
+                    lw=2.2 if m == "dhc" else 1.2, ls="--" if m.startswith("fully") else "-", label=m)
+    for k in order:
+        ax.annotate(SYNAPSE_ORGANS[k], (shares[k], 1), rotation=60, fontsize=7, ha="left", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("organ's share of the training voxels (%, log scale)")
+    ax.set_ylabel("test Dice (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Per-organ test Dice against organ size (rare organs on the left)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def commits(folds):
+    found = set()
+    for f in folds:
+        path = os.path.join(f.folder, "benchmark.log")
+        if os.path.isfile(path):
+            found.update(re.findall(r"# commit ([0-9a-f]{7,40})", open(path, errors="replace").read()))
+    return sorted(found)
+
+
+def write_report(methods, folds, out, env):
+    import json
+    from make_table import make_table
+    from utils.io import write_text
+    os.makedirs(out, exist_ok=True)
+    prefix = os.path.join(out, f"{P.name}")
+    done = {m: finished_folds(m, folds) for m in methods}
+    exps = {m: evaluate(m, k, env) for m, k in done.items() if k}
+    if not exps:
+        print("nothing finished yet: no table")
+        return
+    table = make_table([exps[m] for m in exps], prefix, names=list(exps))
+    results = {}
+    for m, folder in exps.items():
+        res = json.load(open(os.path.join(folder, "results.json")))["paper"]["dice"]
+        results[m] = (np.array(res["class_mean"], float), np.array(res["class_std"], float))
+    shares = organ_shares(env)
+    plot_curves(methods, [f for f in folds if f.trained()], prefix + "_curves.png")
+    plot_organs(results, shares, prefix + "_organs.png")
+    rare = np.argsort(shares)[:5]
+    lines = [f"# Phantom benchmark, {P.label_ratio} % labels: every method under one protocol", "",
+             "Written by `make benchmark` (scripts/benchmark.py, scripts/benchmark_report.py, code/make_table.py) "
+             "from the runs under `" + env["DHC_LOG_ROOT"] + "`; runs on commit(s) " +
+             (", ".join(f"`{c}`" for c in commits(folds)) or "n/a") + ".", "",
+             "## Protocol (config.BENCHMARK)", "",
+             f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, P.phantom_shape))} grid "
+             f"(`code/data/phantom.py --shape`), halved in-plane at load time; splits train 13 / eval 3 / test 4, "
+             f"{P.label_ratio} % labels = 2 labeled + 11 unlabeled cases.",
+             f"- Every method: `-l {P.base_lr:g} -w {P.cps_w:g} -r`, VNet width {P.n_filters}, patch "
+             f"{'x'.join(map(str, P.patch_size))} (UNETR++: {'x'.join(map(str, P.unetrpp_patch_size))}), about "
+             f"{P.iterations} iterations; the upper bound `fully_all` about {P.bound_iterations}; "
+             f"{P.n_evals} validations per run; test by sliding window (A+B ensemble for pairs), "
+             "evaluation with the paper's conventions (Dice x100, ASD in voxels).",
+             "- One single-threaded process per fold, two folds side by side on the 2-core machine.",
+             f"- Command: `make benchmark` (or `METHODS=\"dhc cps\" SEEDS=\"0\" make benchmark`).", "",
+             "## Results (test cases, mean ± std over seeds)", "", table.rstrip(), "",
+             "Rarest five organs (by voxel share): " + ", ".join(SYNAPSE_ORGANS[k] for k in rare) + ".", ""]
+    lines += ["| method | seeds | rare-five mean Dice | iterations | s/it | training wall s per seed |",
+              "|---|---|---|---|---|---|"]
+    for m in exps:
+        fs = [f for f in folds if f.method == m and f.fold <= done[m]]
+        from benchmark import seconds_per_iteration
+        rates = [r for r in map(seconds_per_iteration, fs) if r]
+        walls = [w for w in map(fold_wall_seconds, fs) if w]
+        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {np.mean(results[m][0][rare]):.1f} | "
+                     f"{fs[0].iterations} | {np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else
+                     f"| {m} | {', '.join(str(f.seed) for f in fs)} | {np.mean(results[m][0][rare]):.1f} | "
+                     f"{fs[0].iterations} | n/a | n/a |")
+    left = [f"{f.method} seed {f.seed}" for f in folds if not (f.trained() and f.tested())]
+    lines += ["", "Not yet run: " + (", ".join(left) if left else "nothing") + ".", "",
+              f"![learning curves]({P.name}_curves.png)", "", f"![per-organ Dice]({P.name}_organs.png)", "",
+              f"![per-class Dice]({P.name}.png)", ""]
+    reading = prefix + "_reading.md"
+    if os.path.isfile(reading):
+        lines += [open(reading).read().rstrip(), ""]
+    write_text(prefix + ".md", "\n".join(lines))
+    print(f"wrote {prefix}.{{md,tex,csv,png}}, {prefix}_curves.png, {prefix}_organs.png")
