@@ -66,12 +66,15 @@ class Method:
         self.aux = {}   # untrained modules the method owns (EMA teachers): moved to the device, saved in last.pth
 
     def build_net(self, **overrides):
-        """A fresh ``self.network`` for this task and width (PyTorch default init), built through
-        ``models.build_network`` so ``run.json`` records what was trained; ``overrides`` go to the builder."""
+        """A fresh ``self.network`` for this task and width (PyTorch default init, drawn on the CPU), built through
+        ``models.build_network`` so ``run.json`` records what was trained, then placed on the run's device, so an
+        initialisation that follows draws from that device's generator as the original's (``.cuda()``, then
+        ``kaiming_normal_init_weight``; docs/pipeline.md#initialisation). ``overrides`` go to the builder."""
         from models import build_network
         cfg = self.cfg
         kwargs = {"has_dropout": self.has_dropout, "patch_size": cfg.patch_size, **overrides}  # patch: UNETR_PP
-        return build_network(self.network, cfg.task.num_channels, cfg.num_cls, cfg.n_filters, **kwargs)
+        net = build_network(self.network, cfg.task.num_channels, cfg.num_cls, cfg.n_filters, **kwargs)
+        return net if getattr(cfg, "device", None) is None else place_module(net, cfg.device)
 
     @classmethod
     def add_args(cls, parser):

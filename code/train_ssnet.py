@@ -105,7 +105,8 @@ class VAT3d(nn.Module):
     """LDS = Dice distance between softmax(model(x)) (no grad, target) and softmax(model(x + ε·d_adv)) (S4), with
     d_adv from ``ip`` power iterations of the distance's gradient at x + ξ·d (an inner ``torch.autograd.grad``:
     no parameter gradient, no optimiser step). BN statistics: the target pass updates them, the perturbed passes
-    run with tracking off. ``d`` replaces the U[−0.5, 0.5) start direction; both are L2-normalised per sample."""
+    run with tracking off. ``d`` replaces the U[−0.5, 0.5) start direction (drawn on the CPU, as the original);
+    both are L2-normalised per sample."""
 
     def __init__(self, xi=10.0, epi=10.0, ip=1, grad_scale=1.0):
         super().__init__()
@@ -115,7 +116,8 @@ class VAT3d(nn.Module):
     def forward(self, model, x, d=None):
         with torch.no_grad():
             target = F.softmax(_logits(model(x)), dim=1)
-        d = torch.rand(x.shape, device=x.device, dtype=x.dtype) - 0.5 if d is None else d.detach().to(x)
+        # the start direction is drawn from the CPU generator, then moved, as the original (same stream on CUDA)
+        d = torch.rand(x.shape, dtype=x.dtype).sub(0.5).to(x.device) if d is None else d.detach().to(x)
         d = l2_normalize(d)
         with frozen_bn_stats(model):
             for _ in range(self.ip):

@@ -145,6 +145,30 @@ def test_cotraining_init_kaiming_a_xavier_b_deconvs_untouched():
     assert all(torch.equal(a, r) for a, r in zip(deconvs_a, reference)) and len(deconvs_a) == 4
 
 
+def test_nets_are_initialised_after_placement_on_the_device():
+    """The original builds a net, moves it (``.cuda()``), then initialises it: the init draws come from the device's
+    generator. On the CPU that is today's weights and stream, bit for bit (reference: build both, then initialise
+    both on the CPU); on another device (the meta device here, which draws nothing) the CPU stream after building
+    holds only the two nets' default-init draws (docs/pipeline.md#initialisation)."""
+    from models import build_network
+    from utils.init import kaiming_normal_init_weight, xavier_normal_init_weight
+    torch.manual_seed(0)
+    ref_a, ref_b = (build_network("VNet", 1, 14, 4, has_dropout=True) for _ in range(2))
+    kaiming_normal_init_weight(ref_a), xavier_normal_init_weight(ref_b)
+    ref_next = torch.rand(3)
+    method = make_method()  # seeds 0; CPU
+    for net, ref in ((method.nets["A"], ref_a), (method.nets["B"], ref_b)):
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in net.state_dict().items())
+    assert torch.equal(torch.rand(3), ref_next)
+
+    torch.manual_seed(0)
+    [build_network("VNet", 1, 14, 4, has_dropout=True) for _ in range(2)]  # default init only
+    defaults_only_next = torch.rand(3)
+    method = make_method(extra=["--device", "meta"])
+    assert method.nets["A"].block_one.conv[0].weight.device.type == "meta"
+    assert torch.equal(torch.rand(3), defaults_only_next)
+
+
 def test_pseudo_labels_carry_no_gradient():
     method = make_method()
     x_l, y_l, x_u = tiny_batch()

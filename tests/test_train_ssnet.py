@@ -224,6 +224,20 @@ def test_vat_with_given_direction_matches_a_finite_difference_reference():
     assert all(p.grad is None for p in model.parameters())  # inner gradient w.r.t. d only
 
 
+def test_vat_start_direction_is_drawn_from_the_cpu_generator_on_any_device():
+    """The original draws d on the CPU and moves it, so on CUDA the CPU stream advances by x.numel() numbers; the
+    meta device (no draws of its own) stands in for CUDA here."""
+    with torch.device("meta"):
+        net = build_network("VNet4SSNet", 1, 3, 2, has_dropout=False)
+    x = torch.empty(2, 1, 16, 16, 16, device="meta")
+    torch.manual_seed(5)
+    ss.VAT3d()(net.train(), x)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    torch.rand(x.shape)
+    assert torch.equal(after, torch.rand(3))
+
+
 def test_vat_bn_statistics_only_the_target_pass_updates_them():
     net = tiny_net()
     reference = copy.deepcopy(net).train()
