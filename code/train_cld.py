@@ -5,10 +5,13 @@ co-trained VNets (docs/methods.md#cld).
 Idea: calibrate co-training to the label distribution: static class weights from the labeled voxel counts in
 every loss, and each net keeps per-class confidences on the labeled data and samples the voxels it predicts as a
 low-confidence class more often in its cross-supervision loss (docs/methods.md#cld, equations (cld-1)-(cld-5)).
-Faithful: weights (max N / N_c)^(1/3) shared by both nets, a random start for the confidences (B cloned from A),
-an update every 8 calls with EMA 0.999, rate exponent 0.5, the mask from the student's own argmax, the cross CE
-averaged over all voxels. The original's position-based cropping is absent there too. Unlike the original, a class
-absent from the labeled set gets the rarest present class's weight instead of infinity (which breaks training).
+Faithful: weights (max N / N_c)^(1/3) shared by both nets and given to the supervised loss when it is built, as
+the original, so each ``--sup_loss`` name uses them as ``make_loss_function`` does (default ``w_ce+dice``: CE and
+Dice weighted; ``wce+dice``: the CE only; ``ce``, ``ce+dice``: unweighted); a random start for the confidences
+(B cloned from A), an update every ``--confs_iter`` (8) calls with EMA 0.999, rate exponent 0.5, the mask from the
+student's own argmax, the cross CE averaged over all voxels. The original's position-based cropping is absent there
+too. Unlike the original, a class absent from the labeled set gets the rarest present class's weight instead of
+infinity (which breaks training).
 """
 import torch
 
@@ -17,7 +20,7 @@ from data.dataset import class_counts
 from engine import run
 from utils.distributed import all_reduce_sum, world_size
 from utils.io import ConfigError
-from utils.loss import WeightedCrossEntropyLoss
+from utils.loss import WeightedCrossEntropyLoss, make_loss_function
 
 MOMENTUM, UPDATE_ITER, GAMMA = 0.999, 8, 0.5
 
@@ -100,19 +103,29 @@ class CLD(CoTraining):
     name = "cld"
     defaults = {"cps_rampup": True}  # the original's -r is on; w 1, lr 1e-3 are the engine's
 
+    @classmethod
+    def add_args(cls, parser):
+        parser.add_argument("--confs_iter", type=int, default=UPDATE_ITER,
+                            help="the confidence banks update every this many iterations (the original's flag)")
+
     def __init__(self, cfg):
         super().__init__(cfg)
         if cfg.cps_loss != "wce":
             raise ConfigError(f"--cps_loss {cfg.cps_loss!r}: cld supports only 'wce'")
-        first = ConfidenceBank(cfg.num_cls)
-        self.banks = {"A": first, "B": ConfidenceBank(cfg.num_cls, confs=first.get_confs())}
+        if cfg.confs_iter < 1:
+            raise ConfigError(f"--confs_iter {cfg.confs_iter}: must be >= 1")
+        first = ConfidenceBank(cfg.num_cls, update_iter=cfg.confs_iter)
+        self.banks = {"A": first, "B": ConfidenceBank(cfg.num_cls, confs=first.get_confs(),
+                                                      update_iter=cfg.confs_iter)}
         self.cross_ce = WeightedCrossEntropyLoss()  # weighted per voxel, mean over all voxels
         self.weights = None
 
     def set_weights(self, weights):
+        """The class weights in the cross CE and, as the original builds it, in a new ``--sup_loss`` object per net
+        (``make_loss_function(name, weight)``: which terms are weighted depends on the name)."""
         self.weights = weights.to(self.cfg.device)
-        for loss in (*self.sup_losses.values(), self.cross_ce):
-            loss.update_weight(self.weights)
+        self.sup_losses = {k: make_loss_function(self.cfg.sup_loss, weight=self.weights) for k in self.nets}
+        self.cross_ce.update_weight(self.weights)
 
     def on_train_start(self, labeled_ds):
         self.set_weights(class_weights(labeled_ds, self.cfg.num_cls))

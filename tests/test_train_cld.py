@@ -122,6 +122,41 @@ def test_banks_start_from_one_random_vector_and_weights_reach_every_loss():
     assert torch.equal(method.cross_ce.weight, w)
 
 
+def test_class_weights_reach_the_supervised_terms_its_loss_name_weights():
+    """As the original builds ``make_loss_function(--sup_loss, weight)`` once: ce and ce+dice stay unweighted,
+    wce+dice weights only its CE, w_ce+dice both terms (the previous code re-weighted every term of every name)."""
+    from utils.loss import SoftDiceLoss, softmax_helper
+    g = torch.Generator().manual_seed(5)
+    z, y = torch.randn(2, 14, 2, 3, 3, generator=g), torch.randint(0, 14, (2, 1, 2, 3, 3), generator=g)
+    w = torch.linspace(1, 3, 14)
+    nll = F.cross_entropy(z, y[:, 0], reduction="none")
+    ce, wce = nll.mean(), (w[y[:, 0]] * nll).sum() / w[y[:, 0]].sum()
+    dice, wdice = SoftDiceLoss(apply_nonlin=softmax_helper)(z, y), SoftDiceLoss(w, apply_nonlin=softmax_helper)(z, y)
+    expected = {"ce": ce, "wce": wce, "ce+dice": ce + dice, "wce+dice": wce + dice, "w_ce+dice": wce + wdice}
+    assert wdice.item() != pytest.approx(dice.item(), rel=1e-3) and wce.item() != pytest.approx(ce.item(), rel=1e-3)
+    for name, value in expected.items():
+        method = tiny_method("--sup_loss", name)
+        method.set_weights(w)
+        for net in "AB":
+            assert method.sup_losses[net](z, y).item() == pytest.approx(value.item(), rel=1e-6), (name, net)
+
+
+def test_confs_iter_sets_the_banks_update_period():
+    assert [b.update_iter for b in tiny_method().banks.values()] == [8, 8]  # the original's default
+    method = tiny_method("--confs_iter", "3")
+    bank = method.banks["B"]
+    start = bank.get_confs().clone()
+    assert method.banks["A"].update_iter == bank.update_iter == 3
+    batches = [bank_batch(i, num_cls=14) for i in range(3)]
+    for out, label in batches[:2]:
+        bank.record_data(out, label)
+        assert torch.equal(bank.get_confs(), start)
+    bank.record_data(*batches[2])
+    assert np.allclose(bank.get_confs().numpy(), true_class_mean(batches, num_cls=14), rtol=1e-6)
+    with pytest.raises(ConfigError, match="--confs_iter 0"):
+        tiny_method("--confs_iter", "0")
+
+
 def test_training_step_matches_the_formula_and_lambda_zero_is_supervised():
     method = tiny_method()
     method.set_weights(torch.linspace(1, 2, 14))
