@@ -135,6 +135,8 @@ class ACISIS(MeanTeacher):
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)
+        # the original script's names; unweighted either way (no weight is passed), --cps_loss unused
+        parser.set_defaults(sup_loss="wce+dice", cps_loss="ce")
         parser.add_argument("--acisis_record", choices=("broadcast", "per_sample"), default="broadcast",
                             help="confidence metrics: every labeled sample's mask paired with every sample's "
                                  "probabilities as the original, or each sample with its own")

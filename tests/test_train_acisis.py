@@ -142,6 +142,12 @@ def test_mean_teacher_parts_kaiming_independent_ema_from_epoch():
     assert all(torch.equal(p, q) for p, q in zip(method.teacher.parameters(), method.student.parameters()))
 
 
+def test_loss_flag_defaults_are_the_originals_names_and_unweighted():
+    method = make_method(ACISIS)
+    assert (method.cfg.sup_loss, method.cfg.cps_loss) == ("wce+dice", "ce")  # the original script's argparse
+    assert method.sup_loss.ce.weight is None and method.sup_loss.dc.weight is None  # no weight is ever passed
+
+
 def test_training_step_by_hand_with_the_update_in_the_last_iteration():
     method = make_method(ACISIS)
     method.on_train_start(range(7))  # a labeled set of 7 (repeated) items
