@@ -37,6 +37,7 @@ class TaskConfig:
     flip: bool = True              # HEAD trains with flips (Q26)
     window: Tuple[float, float] = (-75.0, 275.0)  # CT intensity clip before min-max
     split_seed: int = 0
+    raw_shape: Optional[Tuple[int, int, int]] = None  # phantom only: the grid code/data/phantom.py writes
 
     @property
     def num_cls(self) -> int:
@@ -71,17 +72,18 @@ def _tasks():
             data_dir=_env("amos", "DATA", "./amos_data"), patch_size=(64, 128, 128),
             class_names=AMOS_ORGANS, raw_layout="amos", inplane_halving=False, fixed_grid=(80, 160, 160),
             early_stop_patience=50, label_ratios=(2, 5, 10), epochs=PAPER_EPOCHS),
-        # CPU-sized synthetic abdomen (code/data/phantom.py): Synapse layout and pipeline, 192x192 in-plane
-        # halved to 96x96. Sized for `make demo` (three DHC seeds, test, evaluation) in 10 minutes on two cores:
-        # 16 filters learn several organs in the iterations where 8 learn only the liver, at ~1.65x the cost of
-        # an iteration, so fewer epochs (51 x 6 iterations); validation every 5 epochs (a centre crop of the 3
-        # eval cases, ~1 % of the time) so the last epoch is validated and the learning curves have points.
+        # CPU-sized synthetic abdomen (code/data/phantom.py): Synapse layout and pipeline, written on a 32 x 128 x 128
+        # grid (~3 mm pixels, ~9 mm slices) and halved in-plane to 32 x 64 x 64, so that a 16 x 48 x 48 crop holds
+        # most of the abdomen's cross-section (docs/benchmark/phantom_20p.md#protocol). Epochs sized for `make demo`
+        # (three DHC seeds side by side, test, evaluation, figures) in under 10 minutes on two cores; validation
+        # every 5 epochs (a centre crop of the 3 eval cases) so the last epoch is validated and curves have points.
         "phantom": TaskConfig(
             name="phantom", raw_dir=_env("phantom", "RAW", "./Datasets/Phantom"),
             data_dir=_env("phantom", "DATA", "./phantom_data"), patch_size=(16, 48, 48),
             class_names=SYNAPSE_ORGANS, raw_layout="synapse", inplane_halving=True, fixed_grid=None,
             early_stop_patience=100, label_ratios=(10, 20, 40),
-            epochs=MappingProxyType({2: 50, 5: 50, 10: 50, 20: 50, 40: 50}), n_filters=16, eval_every=5),
+            epochs=MappingProxyType({2: 40, 5: 40, 10: 40, 20: 40, 40: 60}), n_filters=16, eval_every=5,
+            raw_shape=(32, 128, 128)),
     }
 
 
@@ -101,13 +103,12 @@ class BenchmarkProtocol:
     """The phantom benchmark (docs/benchmark/phantom_20p.md, run by ``make benchmark``): every method at 20 % labels
     with the three-seed scripts' ``-l 3e-2 -w 0.1 -r``, sized for a 2-core CPU.
 
-    The phantom is written on a 32 x 128 x 128 grid (halved in-plane to 32 x 64 x 64 at load time, ~6 mm pixels,
-    ~9 mm slices): a 16 x 48 x 48 crop then holds most of the abdomen's cross-section, so every iteration sees most
-    organs, while the class imbalance stays (liver : adrenal > 200 : 1). Every method trains for ``iterations``;
+    The phantom is the phantom task's (``raw_shape`` 32 x 128 x 128, halved in-plane to 32 x 64 x 64 at load time,
+    ~6 mm pixels, ~9 mm slices): a 16 x 48 x 48 crop then holds most of the abdomen's cross-section, so every
+    iteration sees most organs, while the class imbalance stays (liver : adrenal > 200 : 1). Every method trains for ``iterations``;
     the upper bound ``fully_all`` (one VNet on every training case) for ``bound_iterations``, as the original
     trains its fully supervised VNet for longer (1000 epochs against 300). Runs validate ``n_evals`` times."""
     name: str = "phantom_20p"
-    phantom_shape: Tuple[int, int, int] = (32, 128, 128)
     n_cases: int = 20
     label_ratio: int = 20
     base_lr: float = 3e-2
@@ -119,9 +120,7 @@ class BenchmarkProtocol:
     patch_size: Tuple[int, int, int] = (16, 48, 48)
     unetrpp_patch_size: Tuple[int, int, int] = (32, 32, 32)  # UNETR++ needs sides divisible by 32
     seeds: Tuple[int, ...] = (0, 1, 666)
-    raw_dir: str = "./Datasets/PhantomBench"
-    data_dir: str = "./phantom_bench_data"
-    log_root: str = "logs/benchmark"
+    log_root: str = "logs/benchmark"  # the phantom itself: the phantom task's raw_dir and data_dir
 
     def schedule(self, iters_per_epoch, iterations):
         """(max epoch E, eval_every V): about ``iterations`` iterations in E + 1 epochs, ``n_evals`` validations,

@@ -39,18 +39,19 @@ def env():
     """Children see the benchmark's phantom and log folders (each overridable by the usual variables)."""
     e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
              PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "code"), ROOT]))
-    e.setdefault("DHC_PHANTOM_RAW", P.raw_dir)
-    e.setdefault("DHC_PHANTOM_DATA", P.data_dir)
     e.setdefault("DHC_LOG_ROOT", P.log_root)
     return e
 
 
 ENV = env()
+os.environ.update(ENV)  # get_task reads the DHC_PHANTOM_* overrides when called
+from utils.task import get_task  # noqa: E402
+PHANTOM = get_task("phantom")
 EXP_ROOT = os.path.join(ENV["DHC_LOG_ROOT"], f"Task_phantom_{P.label_ratio}p")
 
 
 def split_size(name):
-    with open(os.path.join(ENV["DHC_PHANTOM_DATA"], "splits", f"{name}.txt")) as f:
+    with open(PHANTOM.split_path(name)) as f:
         return sum(1 for line in f if line.strip())
 
 
@@ -67,9 +68,9 @@ def method_info(method):
     n = split_size("unlabeled_%dp" % P.label_ratio if cls.uses_unlabeled else
                    "train" if method == "fully_all" else "labeled_%dp" % P.label_ratio)
     per_epoch = n // batch if cls.drop_last else math.ceil(n / batch)
-    extra = ["-sl", "train"] if method == "fully_all" else []
+    labeled = "train" if method == "fully_all" else f"labeled_{P.label_ratio}p"
     patch = P.unetrpp_patch_size if method == "dhc_unetrpp" else P.patch_size
-    extra += ["--patch_size", *map(str, patch)]
+    extra = ["-sl", labeled, "-su", f"unlabeled_{P.label_ratio}p", "--patch_size", *map(str, patch)]
     return script, per_epoch, P.bound_iterations if method == "fully_all" else P.iterations, extra
 
 
@@ -111,7 +112,7 @@ class Fold:
                "--exp", self.exp, "--seed", str(self.seed), "-g", "0", "--device", "cpu",
                "--base_lr", str(P.base_lr), "-w", str(P.cps_w), "-r",
                "--n_filters", str(P.n_filters), "-ep", str(self.max_epoch), "--eval_every", str(self.eval_every),
-               "-sl", f"labeled_{P.label_ratio}p", "-su", f"unlabeled_{P.label_ratio}p", *self.extra]
+               *self.extra]
         if os.path.isfile(os.path.join(self.folder, "ckpts", "last.pth")):
             cmd.append("--resume")
         return cmd
@@ -194,10 +195,9 @@ def run_fold(fold, log=print):
 
 
 def ensure_data():
-    """Write the protocol's phantom and preprocess it (both skip what is already complete)."""
+    """Write the phantom task's phantom and preprocess it (both skip what is already complete)."""
     py = sys.executable
-    for cmd in ([py, "code/data/phantom.py", "--out", ENV["DHC_PHANTOM_RAW"], "--cases", str(P.n_cases),
-                 "--shape", *map(str, P.phantom_shape)],
+    for cmd in ([py, "code/data/phantom.py", "--cases", str(P.n_cases)],
                 [py, "code/data/preprocess.py", "--task", "phantom"]):
         subprocess.run(cmd, check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL)
 

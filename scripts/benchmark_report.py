@@ -67,9 +67,10 @@ def fold_wall_seconds(fold):
 def organ_shares(env):
     """Voxel share (%) of each organ over the training cases' labels."""
     from utils.io import read_list
-    data = env["DHC_PHANTOM_DATA"]
+    from utils.task import get_task
+    data = get_task("phantom").data_dir
     counts = np.zeros(len(SYNAPSE_ORGANS) + 1)
-    for case in read_list(os.path.join(data, "splits", "train.txt")):
+    for case in read_list(get_task("phantom").split_path("train")):
         counts += np.bincount(np.load(os.path.join(data, "npy", f"{case}_label.npy")).ravel().astype(np.int64),
                               minlength=len(counts))
     return 100 * counts[1:] / counts.sum()
@@ -145,6 +146,7 @@ def commits(folds):
 
 def write_report(methods, folds, out, env):
     import json
+    from utils.task import get_task
     from make_table import make_table
     from utils.io import write_text
     os.makedirs(out, exist_ok=True)
@@ -168,7 +170,7 @@ def write_report(methods, folds, out, env):
              "from the runs under `" + env["DHC_LOG_ROOT"] + "`; runs on commit(s) " +
              (", ".join(f"`{c}`" for c in commits(folds)) or "n/a") + ".", "",
              "## Protocol (config.BENCHMARK)", "",
-             f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, P.phantom_shape))} grid "
+             f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, get_task('phantom').raw_shape))} grid "
              f"(`code/data/phantom.py --shape`), halved in-plane at load time; splits train 13 / eval 3 / test 4, "
              f"{P.label_ratio} % labels = 2 labeled + 11 unlabeled cases.",
              f"- Every method: `-l {P.base_lr:g} -w {P.cps_w:g} -r`, VNet width {P.n_filters}, patch "

@@ -32,12 +32,49 @@ else
 fi
 exp="Task_${task}_${ratio}p/${method}${suffix}"
 read -r -a seeds <<< "${SEEDS:-0 1 666}"
-fold=0
-for seed in "${seeds[@]}"; do
-  fold=$((fold + 1))
-  echo "== ${method} on ${task}, ${ratio} % labels: fold ${fold} of ${#seeds[@]} (seed ${seed}): train, then test"
-  "${launch[@]}" code/train_"${method}".py --task "$task" --exp "$exp/fold$fold" --seed "$seed" "${gpu_flag[@]}" \
+# JOBS=N (default 1) trains N folds side by side, each process on OMP_NUM_THREADS (default 1) threads, then tests
+# them one after the other: on a CPU, single-threaded runs side by side learn more per second than one run on all
+# cores (docs/benchmark/phantom_20p.md). Each side-by-side fold's output goes to logs/<exp>/fold<k>.out.
+jobs=${JOBS:-1}
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "error: JOBS=$jobs: expected a positive integer" >&2; exit 2; }
+log_dir="${DHC_LOG_ROOT:-logs}/$exp"
+train_fold() {  # FOLD SEED [EXTRA TRAIN FLAGS]
+  local k=$1 s=$2
+  shift 2
+  "${launch[@]}" code/train_"${method}".py --task "$task" --exp "$exp/fold$k" --seed "$s" "${gpu_flag[@]}" \
     "${lr[@]}" "${weight[@]}" -sl "labeled_${ratio}p" -su "unlabeled_${ratio}p" -r "$@"
-  "${launch[@]}" code/test.py --task "$task" --exp "$exp/fold$fold" "${gpu_flag[@]}" --cps AB
-done
+}
+fold=0
+if [ "$jobs" -gt 1 ]; then
+  mkdir -p "$log_dir"
+  pids=()
+  for seed in "${seeds[@]}"; do
+    fold=$((fold + 1))
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+    echo "== ${method} on ${task}, ${ratio} % labels: fold ${fold} of ${#seeds[@]} (seed ${seed}) training" \
+         "in the background (${log_dir}/fold${fold}.out)"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} train_fold "$fold" "$seed" "$@" > "${log_dir}/fold${fold}.out" 2>&1 &
+    pids+=($!)
+  done
+  failed=""
+  for k in "${!pids[@]}"; do
+    wait "${pids[$k]}" || failed="$failed fold$((k + 1))"
+  done
+  if [ -n "$failed" ]; then
+    for f in $failed; do tail -n 3 "${log_dir}/${f}.out" >&2; done
+    echo "error: training failed for${failed} (see ${log_dir}/fold<k>.out)" >&2
+    exit 1
+  fi
+  for k in $(seq 1 "$fold"); do
+    echo "== ${method}: testing fold ${k}"
+    "${launch[@]}" code/test.py --task "$task" --exp "$exp/fold$k" "${gpu_flag[@]}" --cps AB
+  done
+else
+  for seed in "${seeds[@]}"; do
+    fold=$((fold + 1))
+    echo "== ${method} on ${task}, ${ratio} % labels: fold ${fold} of ${#seeds[@]} (seed ${seed}): train, then test"
+    train_fold "$fold" "$seed" "$@"
+    "${launch[@]}" code/test.py --task "$task" --exp "$exp/fold$fold" "${gpu_flag[@]}" --cps AB
+  done
+fi
 "$PY" code/evaluate_Ntimes.py --task "$task" --exp "$exp" --folds "$fold" --cps AB

@@ -94,3 +94,24 @@ def test_three_seed_script_runs_every_method(method, tiny_phantom):
     text = (exp / "evaluation_res.txt").read_text()
     dice = float(text.split("Final Avg Dice: ")[1].split("±")[0])
     assert 0 <= dice <= 100 and text.count("===== Case-") == len(test_ids)
+
+
+def test_three_seed_script_side_by_side(tiny_phantom):
+    """``JOBS=2``: two folds trained at once (one thread each, output in fold<k>.out), then tested and evaluated
+    over both folds, each with its own seed; a failing fold makes the script fail naming it."""
+    root, env = tiny_phantom
+    env = dict(env, SEEDS="0 1", JOBS="2")
+    base = ["bash", os.path.join(REPO, "train3times_seeds_20p.sh"), "-c", "0", "-t", "phantom", "-m", "cps",
+            "-e", "_jobs", "-l", "3e-2", "-w", "0.1", "--", "-ep", "0", "--n_filters", "4", "--num_workers", "0"]
+    cmd = base + ["--patch_size", "16", "32", "32"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = root / "logs" / "Task_phantom_20p" / "cps_jobs"
+    seeds = [json.loads((exp / f"fold{k}" / "run.json").read_text())["args"]["seed"] for k in (1, 2)]
+    assert seeds == [0, 1]
+    assert "done: best mean dice" in (exp / "fold2.out").read_text()
+    assert "\nFold2\n" in (exp / "evaluation_res.txt").read_text()
+    bad = subprocess.run(base + ["--patch_size", "15", "32", "32"], env=dict(env, SEEDS="0"), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 1 and "training failed for fold1" in bad.stderr
+    assert subprocess.run(cmd, env=dict(env, JOBS="x"), capture_output=True, text=True).returncode == 2

@@ -144,10 +144,17 @@ def test_bad_arguments_are_config_errors(tmp_path):
 
 
 def test_cli_as_script_writes_and_summarises(tmp_path):
-    """`python code/data/phantom.py` works without PYTHONPATH (one full-size case, ~2 s)."""
+    """`python code/data/phantom.py` works without PYTHONPATH; it writes the phantom task's grid (config.py
+    raw_shape) unless --shape says otherwise."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, os.path.join(REPO, "code", "data", "phantom.py"), "--out",
                           str(tmp_path), "--cases", "1"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "1 of 1 cases written" in run.stdout and "adrenal_l" in run.stdout
     assert os.path.isfile(tmp_path / "imagesTr" / "img0001.nii.gz")
+    import SimpleITK as sitk
+    from config import get_task
+    size = sitk.ReadImage(str(tmp_path / "imagesTr" / "img0001.nii.gz")).GetSize()
+    assert size[::-1] == get_task("phantom").raw_shape == (32, 128, 128)
+    assert phantom.main(["--out", str(tmp_path / "s"), "--cases", "1", "--shape", "16", "40", "48"]) == 0
+    assert sitk.ReadImage(str(tmp_path / "s" / "labelsTr" / "label0001.nii.gz")).GetSize() == (48, 40, 16)

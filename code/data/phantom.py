@@ -160,15 +160,18 @@ def main(argv=None):
     parser.add_argument("--val-cases", type=int, default=None,
                         help="AMOS layout only: imagesVa/labelsVa cases (default: half of --cases)")
     parser.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="voxel grid of every case (default: 48-64 x 192 x 192 drawn per case); the field of "
-                             "view and anatomy stay the same, so a smaller grid means coarser voxels")
+                        help="voxel grid of every case (default: the phantom task's raw_shape in config.py, "
+                             "32 128 128, for --layout synapse; 48-64 x 192 x 192 drawn per case for amos); the "
+                             "field of view and anatomy stay the same, so a smaller grid means coarser voxels")
     parser.add_argument("--force", action="store_true", help="rewrite even if the folder already holds data")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = args.out or get_task("phantom").raw_dir
+    task = get_task("phantom")
+    out = args.out or task.raw_dir
+    shape = args.shape or (task.raw_shape if args.layout == "synapse" else None)
     start = time.perf_counter()
     written = write_dataset(out, args.cases, args.seed, args.layout, args.val_cases, overwrite=args.force,
-                            shape=args.shape)
+                            shape=shape)
     seconds = time.perf_counter() - start
     n_val = _check_args(args.cases, args.seed, args.layout, args.val_cases)
     print(_summary(out, args.layout, case_files(out, args.layout, args.cases, n_val), written, seconds))

@@ -1,0 +1,104 @@
+"""The phantom benchmark's protocol and runner (scripts/benchmark.py, docs/benchmark/phantom_20p.md): the schedule
+arithmetic, the order folds run in, and what counts as trained, tested and resumable."""
+import importlib
+import os
+import sys
+
+import pytest
+
+from conftest import REPO
+from utils.io import write_list
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """scripts/benchmark.py imported against a phantom data folder with the real split sizes (13/2/11/3/4)."""
+    splits = tmp_path / "data" / "splits"
+    ids = [f"{i:04d}" for i in range(1, 21)]
+    for name, part in (("train", ids[:13]), ("labeled_20p", ids[:2]), ("unlabeled_20p", ids[2:13]),
+                       ("eval", ids[13:16]), ("test", ids[16:])):
+        write_list(splits / f"{name}.txt", part)
+    monkeypatch.setenv("DHC_PHANTOM_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path / "logs"))
+    import benchmark
+    return importlib.reload(benchmark)
+
+
+@pytest.mark.parametrize("per_epoch, iterations", [(6, 1200), (4, 3000), (1, 1200), (5, 1200), (3, 100)])
+def test_schedule_validates_the_last_epoch_and_hits_the_budget(per_epoch, iterations):
+    from config import BENCHMARK
+    max_epoch, every = BENCHMARK.schedule(per_epoch, iterations)
+    assert max_epoch % every == 0  # validation runs when epoch % every == 0: the last epoch is validated
+    assert abs((max_epoch + 1) * per_epoch - iterations) <= every * per_epoch
+    assert abs(max_epoch // every - BENCHMARK.n_evals) <= 3  # validations after epoch 0
+
+
+def test_rows_get_their_iterations_per_epoch(bench):
+    # 11 unlabeled cases in batches of 2: 6 iterations (ADSH drops the last incomplete batch: 5);
+    # fully: 2 labeled cases in batches of 4 (1); fully_all: 13 training cases in batches of 4 (4)
+    got = {m: bench.Fold(m, 0).per_epoch for m in ("dhc", "adsh", "fully", "fully_all")}
+    assert got == {"dhc": 6, "adsh": 5, "fully": 1, "fully_all": 4}
+    dhc, bound = bench.Fold("dhc", 0), bench.Fold("fully_all", 0)
+    assert (dhc.max_epoch, dhc.eval_every, dhc.iterations) == (200, 10, 1206)
+    assert (bound.max_epoch, bound.eval_every) == (760, 38)
+    cmd = bound.train_cmd()
+    assert cmd.count("-sl") == 1 and cmd[cmd.index("-sl") + 1] == "train"
+    assert dhc.train_cmd()[dhc.train_cmd().index("-sl") + 1] == "labeled_20p"
+    assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "760"
+    assert bench.Fold("dhc_unetrpp", 0).train_cmd()[-3:] == ["32", "32", "32"]
+
+
+def test_plan_runs_first_seeds_then_the_key_rows(bench):
+    folds = bench.plan(["dhc", "fully_all", "cps", "fully", "uamt"], [0, 1, 666])
+    order = [(f.method, f.seed) for f in folds]
+    assert order[:5] == [("dhc", 0), ("fully_all", 0), ("cps", 0), ("fully", 0), ("uamt", 0)]
+    assert order[5:] == [(m, s) for m in ("dhc", "fully_all", "cps", "fully") for s in (1, 666)] + \
+        [("uamt", 1), ("uamt", 666)]
+    assert [f.fold for f in folds if f.method == "uamt"] == [1, 2, 3]  # fold numbers follow the seed list
+
+
+def test_fold_states_and_resume(bench):
+    fold = bench.Fold("cps", 1)
+    assert not fold.trained() and not fold.tested() and "--resume" not in fold.train_cmd()
+    ckpts = os.path.join(fold.folder, "ckpts")
+    os.makedirs(ckpts)
+    open(os.path.join(ckpts, "last.pth"), "w").close()
+    assert fold.train_cmd()[-1] == "--resume"  # interrupted: continue it
+    log = os.path.join(fold.folder, "train.log")
+    with open(log, "w") as f:
+        f.write("[10:00:00.000] epoch 0 | lr 0.03 | loss 1\n[10:00:12.000] epoch 1 | lr 0.03 | loss 1\n"
+                "[10:00:24.000] epoch 2 | lr 0.03 | loss 1\n[11:30:00.000] epoch 3 | lr 0.03 | loss 1\n")
+    assert fold.epochs_done() == 4
+    assert bench.seconds_per_iteration(fold) == pytest.approx(12 / 6)  # the 90-minute gap (a restart) is skipped
+    open(os.path.join(ckpts, "best_model.pth"), "w").close()
+    assert not fold.trained()  # no "done" line yet: killed after a checkpoint
+    with open(log, "a") as f:
+        f.write("[11:30:05.000] done: best mean dice 0.5 at epoch 3; checkpoint x\n")
+    assert fold.trained() and not fold.tested()
+    preds = os.path.join(fold.folder, "predictions_AB")
+    os.makedirs(preds)
+    for i in range(3):
+        open(os.path.join(preds, f"{i}.nii.gz"), "w").close()
+    assert not fold.tested()  # 3 of the 4 test cases
+    open(os.path.join(preds, "3.nii.gz"), "w").close()
+    assert fold.tested()
+    lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
+    assert "done" in lines[0] and "2.00 s/it" in lines[0] and "left (1206 of 1206" in lines[1]
+    assert lines[-1].startswith("1 of 2 folds done")
+
+
+def test_a_fold_locked_by_another_process_is_left_alone(bench):
+    from utils.io import FolderLock
+    fold = bench.Fold("dhc", 0)
+    os.makedirs(fold.folder)
+    with FolderLock(fold.folder):
+        assert fold.busy()
+        assert bench.run_fold(fold, log=lambda s: None) == "running in another process; left to it"
+    assert not fold.busy()
+
+
+def test_unknown_method_is_one_error_line(bench, capsys):
+    assert bench.main(["--methods", "nope", "--status"]) == 2
+    assert capsys.readouterr().out.startswith("error: --methods: unknown nope")
