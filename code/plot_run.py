@@ -3,6 +3,8 @@
 Usage, from the repository root (``make demo`` runs it on the DHC folds):
     python code/plot_run.py --exp Task_phantom_20p/dhc            # a method folder (fold1, fold2, ... inside)
     python code/plot_run.py --exp logs/Task_phantom_20p/dhc/fold1  # or one run folder
+    python code/plot_run.py --scan img.nii.gz --pred out/img.nii.gz [--label label.nii.gz] --task T --out DIR
+                                                                   # a raw scan segmented by predict.py
 Writes into ``<exp>/figures/`` (or ``--out DIR``) and prints each path:
 - ``overlay_<case>.png``: axial and coronal CT slices of one test case with the ground truth and the prediction
   (``predictions_<cps>/<case>.nii.gz`` of test.py) side by side, one colour per organ, legend, per-case Dice;
@@ -36,11 +38,21 @@ VAL_RE = re.compile(r"\bvalidation epoch (\d+): mean dice ([-\d.eE+na]+) .*?\| (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Overlay, learning-curve and Dice-bar figures of a run folder.")
-    p.add_argument("--exp", required=True, help="run folder or method folder (fold*/ inside); a path or under logs/")
-    p.add_argument("--out", default=None, help="output folder (default <exp>/figures)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--exp", help="run folder or method folder (fold*/ inside); a path or under logs/")
+    what.add_argument("--scan", help="a raw NIfTI scan: draw predict.py's labels of it (--pred) instead of a run")
+    p.add_argument("--out", default=None, help="output folder (default <exp>/figures; with --scan: required)")
     p.add_argument("--case", default=None, help="test case of the overlay (default: the first predicted one)")
     p.add_argument("--cps", default=None, help="predictions_<cps> folder to read (default: the first found)")
-    return p.parse_args(argv)
+    p.add_argument("--pred", help="with --scan: predict.py's label map of the scan")
+    p.add_argument("--label", help="with --scan: its ground-truth labels (optional; adds per-organ Dice)")
+    p.add_argument("--task", help="with --scan: the task (classes and CT window)")
+    args = p.parse_args(argv)
+    if args.scan is not None and not (args.pred and args.task and args.out):
+        p.error("--scan needs --pred, --task and --out")
+    if args.scan is None and (args.pred or args.label or args.task):
+        p.error("--pred, --label and --task go with --scan")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- discovery
@@ -235,12 +247,6 @@ def _overlay_rgb(image, label, colours, alpha=0.55):
 
 def plot_overlay(task_name, pred_path, case_id, path, run_name=""):
     """2 x 2 panels: axial and coronal slice, ground truth | prediction, organ legend, per-case Dice."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgb
-    from matplotlib.patches import Patch
-
     from evaluate_Ntimes import load_gt
     from utils.inference import prepare_case
     from utils.io import read_nifti
@@ -254,31 +260,70 @@ def plot_overlay(task_name, pred_path, case_id, path, run_name=""):
     if not image.shape == pred.shape == gt.shape:
         raise DataError(f"{pred_path}: prediction {pred.shape}, ground truth {gt.shape} and image {image.shape} "
                         "are on different grids")
+    spacing = tuple(geometry.spacing) if hasattr(geometry, "spacing") else (1.0, 1.0, 1.0)  # (x, y, z)
+    return draw_overlay(image, gt, pred, spacing, task, f"{run_name} test case {case_id}", path)
+
+
+def draw_overlay(image, gt, pred, spacing, task, title, path):
+    """Axial and coronal slice (rows) of ``gt`` | ``pred`` (columns) over ``image`` (D, H, W); without ``gt`` the
+    left column is the plain scan and the legend names the organs found. ``spacing`` (x, y, z) sets the aspect."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
     lo, hi = float(image.min()), float(image.max())
     image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
     names = task.class_names
     colours = [to_rgb(ORGAN_COLOURS[i % len(ORGAN_COLOURS)]) for i in range(len(names))]
-    dice = case_dice(gt, pred, task.num_cls)
-    z, y = slice_choice(gt)
-    spacing = tuple(geometry.spacing) if hasattr(geometry, "spacing") else (1.0, 1.0, 1.0)  # (x, y, z)
+    z, y = slice_choice(pred if gt is None else gt)
     fig, axes = plt.subplots(2, 2, figsize=(11, 9.5))
     views = (("axial", lambda a: a[z], spacing[1] / spacing[0], "upper", f"z = {z}"),
              ("coronal", lambda a: a[:, y, :], spacing[2] / spacing[0], "lower", f"y = {y}"))
+    left = ("scan", np.zeros_like(pred)) if gt is None else ("ground truth", gt)
     for row, (view, cut, aspect, origin, where) in enumerate(views):
-        for col, (title, label) in enumerate((("ground truth", gt), ("prediction", pred))):
+        for col, (panel, label) in enumerate((left, ("prediction", pred))):
             ax = axes[row, col]
             ax.imshow(_overlay_rgb(cut(image), cut(label), colours), aspect=aspect, origin=origin,
                       interpolation="nearest")
-            ax.set_title(f"{view} ({where}): {title}", fontsize=10)
+            ax.set_title(f"{view} ({where}): {panel}", fontsize=10)
             ax.set_axis_off()
-    handles = [Patch(color=colours[i], label=f"{n}  {'-' if np.isnan(dice[i]) else f'{dice[i]:.0f}'}")
-               for i, n in enumerate(names)]
-    fig.legend(handles=handles, loc="center right", fontsize="small", title="organ  Dice (this case)")
-    mean = np.nanmean(dice) if np.isfinite(dice).any() else float("nan")
-    fig.suptitle(f"{run_name} test case {case_id}: mean Dice {mean:.1f}", fontsize=12)
+    if gt is None:
+        found = np.bincount(pred.ravel(), minlength=task.num_cls)[1:] > 0
+        handles = [Patch(color=colours[i], label=n) for i, n in enumerate(names) if found[i]]
+        fig.legend(handles=handles, loc="center right", fontsize="small", title="organ (predicted)")
+        fig.suptitle(f"{title}: {int(found.sum())} organs predicted", fontsize=12)
+    else:
+        dice = case_dice(gt, pred, task.num_cls)
+        handles = [Patch(color=colours[i], label=f"{n}  {'-' if np.isnan(dice[i]) else f'{dice[i]:.0f}'}")
+                   for i, n in enumerate(names)]
+        fig.legend(handles=handles, loc="center right", fontsize="small", title="organ  Dice (this case)")
+        mean = np.nanmean(dice) if np.isfinite(dice).any() else float("nan")
+        fig.suptitle(f"{title}: mean Dice {mean:.1f}", fontsize=12)
     fig.tight_layout(rect=(0, 0, 0.8, 0.97))
     _save(fig, path)
     return path
+
+
+def plot_scan(task_name, scan_path, pred_path, out, label_path=None):
+    """``<out>/overlay_<scan name>.png`` of a raw scan with predict.py's labels on its own grid (and the ground
+    truth beside them with per-organ Dice when ``label_path`` is given); the scan is shown in the task's CT window."""
+    from data.transforms import normalize_intensity
+    from utils.io import read_nifti
+    from utils.task import get_task
+    task = get_task(task_name)
+    scan, itk = read_nifti(scan_path)
+    pred = np.asarray(read_nifti(pred_path)[0]).astype(np.int64)
+    gt = None if label_path is None else np.asarray(read_nifti(label_path)[0]).astype(np.int64)
+    for path, array in ((pred_path, pred), (label_path, gt)):
+        if array is not None and array.shape != scan.shape:
+            raise DataError(f"{path}: shape {list(array.shape)} is not the scan's {list(scan.shape)} "
+                            f"({scan_path}); predict.py writes labels on the scan's grid")
+    name = os.path.basename(scan_path).split(".nii")[0]
+    os.makedirs(out, exist_ok=True)
+    return draw_overlay(normalize_intensity(scan, task.window), gt, pred, itk.GetSpacing(), task, name,
+                        os.path.join(out, f"overlay_{name}.png"))
 
 
 # ------------------------------------------------------------------------------------------------ bars
@@ -337,7 +382,10 @@ def plot_run(exp, out=None, case=None, cps=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    written = plot_run(args.exp, args.out, args.case, args.cps)
+    if args.scan is not None:
+        written = {"overlay": plot_scan(args.task, args.scan, args.pred, args.out, args.label)}
+    else:
+        written = plot_run(args.exp, args.out, args.case, args.cps)
     for kind, path in written.items():
         print(f"{kind}: {path}")
 

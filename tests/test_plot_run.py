@@ -138,3 +138,33 @@ def test_single_fold_folder_and_missing_inputs(tiny_runs, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "code", "plot_run.py"), "--exp", "no/such/run"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:")
+
+
+def test_overlay_of_a_raw_scan_segmented_by_predict(tmp_path, capsys):
+    """--scan/--pred (predict.py's labels on the scan's own grid): the overlay is drawn with and without ground
+    truth, organs in their colours; a label map on another grid is one error line."""
+    from data.phantom_anatomy import make_case
+    image, label, spacing = make_case(1, shape=(16, 64, 64))
+    paths = {}
+    for name, array in (("scan", image), ("label", label), ("pred", np.where(label == 1, 0, label).astype(np.uint8)),
+                        ("halved", label[:, ::2, ::2])):
+        itk = sitk.GetImageFromArray(array)
+        itk.SetSpacing(spacing)
+        paths[name] = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(itk, paths[name])
+    base = ["--scan", paths["scan"], "--task", "phantom", "--out", str(tmp_path / "fig")]
+    assert plot_run.main(base + ["--pred", paths["pred"], "--label", paths["label"]]) in (None, 0)
+    path = tmp_path / "fig" / "overlay_scan.png"
+    assert f"overlay: {path}" in capsys.readouterr().out
+    h, w, _ = png_shape(path)
+    assert (w, h) == (1100, 950)
+    img = imread(path)[..., :3]
+    for organ in (6, 7):  # liver and stomach drawn over the scan
+        assert np.abs(img - np.array(to_rgb(plot_run.ORGAN_COLOURS[organ - 1]))).sum(-1).min() < 0.6
+    path.unlink()
+    assert plot_run.main(base + ["--pred", paths["pred"]]) in (None, 0) and path.is_file()  # no ground truth
+    assert plot_run.main(base + ["--pred", paths["halved"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {paths['halved']}: shape [16, 32, 32] is not the scan's")
+    with pytest.raises(SystemExit):
+        plot_run.parse_args(["--scan", paths["scan"], "--task", "phantom"])  # --pred and --out missing
