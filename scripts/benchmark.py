@@ -122,6 +122,19 @@ class Fold:
                 "-g", "0", "--cps", "AB"]
 
 
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip() + ("+changes" if subprocess.run(
+                                  ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                  capture_output=True, text=True).stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+COMMIT = _commit()
+
+
 def _lines(folder):
     path = os.path.join(folder, "train.log")
     return open(path, errors="replace").read().splitlines() if os.path.isfile(path) else []
@@ -184,7 +197,7 @@ def run_fold(fold, log=print):
                                   ("test", fold.test_cmd(), not fold.tested())):
             if not needed:
                 continue
-            out.write(f"\n# {datetime.now():%Y-%m-%d %H:%M:%S} {' '.join(cmd)}\n")
+            out.write(f"\n# {datetime.now():%Y-%m-%d %H:%M:%S} commit {COMMIT}\n# {' '.join(cmd)}\n")
             out.flush()
             log(f"{datetime.now():%H:%M:%S} start {step}: {fold.method} seed {fold.seed}")
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)

@@ -140,7 +140,7 @@ def commits(folds):
     for f in folds:
         path = os.path.join(f.folder, "benchmark.log")
         if os.path.isfile(path):
-            found.update(re.findall(r"# commit ([0-9a-f]{7,40})", open(path, errors="replace").read()))
+            found.update(re.findall(r"commit ([0-9a-f]{7,40}(?:\+changes)?)", open(path, errors="replace").read()))
     return sorted(found)
 
 
