@@ -3,8 +3,10 @@ losses, backward, optimiser steps, method updates), side by side with DHC, plus 
 class statistics kept on the device (torch.bincount) versus a numpy round trip.
 
 Each method runs in its own process, so its peak memory is its own. CPU: a tiny size (F = 4, 16x32x32) and the
-phantom size (F = 8, 16x48x48). CUDA (when present): the paper size, 32 filters on 64x128x128 patches, AMP.
-Usage: python bench/bench_train.py [--iters 5] [--methods dhc cps ...] [--cuda-fp32]
+phantom benchmark's size (F = 16, 16x48x48, config.BENCHMARK), then, for DHC and the fully supervised VNet at that
+size, two single-threaded processes side by side against one process on two threads (training throughput: what
+``make benchmark`` and ``make demo`` rely on). CUDA (when present): the paper size, 32 filters on 64x128x128
+patches, AMP. Usage: python bench/bench_train.py [--iters 5] [--methods dhc cps ...]
 """
 import argparse
 import glob
@@ -29,7 +31,7 @@ from utils.runinfo import build_parser, resolve_config  # noqa: E402
 
 
 # Networks that cannot take the CPU rows' patches: the nearest patch they accept (UNETR++ needs multiples of 32).
-PATCH_OVERRIDES = {"dhc_unetrpp": {(16, 32, 32): (32, 32, 32), (16, 48, 48): (32, 64, 64)}}
+PATCH_OVERRIDES = {"dhc_unetrpp": {(16, 32, 32): (32, 32, 32), (16, 48, 48): (32, 32, 32)}}
 
 
 def all_methods():
@@ -96,15 +98,38 @@ def bench_step(name, device, n_filters, patch, iters, amp):
     return {"sec": statistics.median(times[2:]), "peak": peak, "params": params}
 
 
-def run_isolated(name, device, n_filters, patch, iters, amp):
-    """``bench_step`` in a fresh process (its own peak RSS); None if the method failed there."""
+def _child(name, device, n_filters, patch, iters, amp, threads=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--device", device, "--n_filters",
            str(n_filters), "--patch", *map(str, patch), "--iters", str(iters)] + (["--amp"] if amp else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        print(f"  {name}: failed ({out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _result(name, proc):
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        print(f"  {name}: failed ({err.strip().splitlines()[-1] if err.strip() else proc.returncode})")
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_isolated(name, device, n_filters, patch, iters, amp, threads=None):
+    """``bench_step`` in a fresh process (its own peak RSS); None if the method failed there."""
+    return _result(name, _child(name, device, n_filters, patch, iters, amp, threads))
+
+
+def print_side_by_side(n_filters, patch, iters, methods=("dhc", "fully")):
+    """Iterations per second of the whole machine: one process on 2 threads vs two 1-thread processes at once."""
+    print(f"\ncpu F={n_filters} patch {tuple(patch)}: one process x 2 threads vs two processes x 1 thread side by side")
+    for m in methods:
+        one = run_isolated(m, "cpu", n_filters, patch, iters, False, threads=2)
+        procs = [_child(m, "cpu", n_filters, patch, iters, False, threads=1) for _ in range(2)]
+        two = [_result(m, p) for p in procs]
+        if one is None or None in two:
+            continue
+        a, b = 1 / one["sec"], sum(1 / r["sec"] for r in two)
+        print(f"  {m:12s} 1x2 threads {one['sec'] * 1000:7.1f} ms/it = {a:5.2f} it/s | 2x1 thread "
+              f"{two[0]['sec'] * 1000:7.1f} / {two[1]['sec'] * 1000:7.1f} ms/it = {b:5.2f} it/s -> {b / a:4.2f}x")
 
 
 def print_rows(device, n_filters, patch, iters, amp, methods):
@@ -165,8 +190,11 @@ def main():
     methods = args.methods or all_methods()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no CUDA"))
-    for n_filters, patch in ((4, (16, 32, 32)), (8, (16, 48, 48))):
+    from utils.task import config_module
+    BENCHMARK = config_module().BENCHMARK
+    for n_filters, patch in ((4, (16, 32, 32)), (BENCHMARK.n_filters, BENCHMARK.patch_size)):
         print_rows("cpu", n_filters, patch, args.iters, False, methods)
+    print_side_by_side(BENCHMARK.n_filters, BENCHMARK.patch_size, args.iters)
     if torch.cuda.is_available():
         print_rows("cuda", 32, (64, 128, 128), args.iters, True, methods)
     else:
