@@ -7,13 +7,15 @@ Faithful by default: paper conventions (both empty -> Dice 1 / ASD 0, Q45; one-s
 directed ASD in voxels on the evaluation grid (Q47), GT halved in-plane for Synapse (Q49), ± = np.std over
 folds (Q52), the original's file and stdout format. Fixes: AMOS GT is resized to the (80,160,160) grid of the
 predictions, not (72,144,144) (Q48, crashed); a newline ends each fold's separator (Q51); ``--gt npy`` reads
-the preprocessed labels instead of the raw ones (Q50); ``--both-empty 100|exclude`` corrects Q45.
+the preprocessed labels instead of the raw ones (Q50); ``--both-empty 100|exclude`` corrects Q45. A raw label must
+lie on its image's grid (utils/geometry.py; one stored in another orientation is re-indexed; docs/pipeline.md).
 Beside the original's text file: results.csv, results.json and evaluation_res.md, which also report the standard
 metrics (Dice with both-empty pairs excluded, symmetric ASSD in mm).
 """
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import sys
@@ -22,7 +24,10 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+from data.dataset import load_npy
 from data.transforms import halve_inplane_label, prepare_label, resize_label
+from utils.geometry import Grid, align_label
+from utils.inference import raw_image_candidates
 from utils.io import ConfigError, DataError, cli_main, exp_dir, read_list, read_nifti, write_json, write_text
 from utils.metrics import BOTH_EMPTY_MODES, N_GT, N_PRED, class_stats, paper_values, standard_values
 from utils.task import get_task
@@ -89,7 +94,8 @@ def load_gt(task, case_id, mode):
         if raw is None:
             tried = " or ".join(raw_label_candidates(task, case_id))
             raise DataError(f"{tried}: raw label of test case {case_id} not found (try --gt npy)")
-        label = to_label_map(read_nifti(raw)[0], raw, task.num_cls)
+        array, itk = read_nifti(raw)
+        label = to_label_map(align_to_image(task, case_id, array, itk, raw), raw, task.num_cls)
         if task.inplane_halving:
             label = halve_inplane_label(label)
         if task.fixed_grid is not None:  # Q48: the predictions' grid, not the original's (72,144,144)
@@ -99,7 +105,49 @@ def load_gt(task, case_id, mode):
     if not os.path.isfile(path):
         also = " (nor a raw label: " + ", ".join(raw_label_candidates(task, case_id)) + ")" if mode == "auto" else ""
         raise DataError(f"{path}: preprocessed label of test case {case_id} not found{also}")
-    return to_label_map(prepare_label(np.load(path), task), path, task.num_cls), path
+    stored = to_label_map(load_npy(path), path, task.num_cls)  # checked as stored: 1.5 is not rounded to 2
+    if stored.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D (D, H, W) label volume, got shape {stored.shape}")
+    return prepare_label(stored, task), path
+
+
+def image_grid(task, case_id):
+    """(grid of the image a test case was preprocessed from, where it came from): its ``<id>_meta.json``, else its
+    raw NIfTI header, else (None, None)."""
+    meta_path = os.path.join(task.npy_dir, f"{case_id}_meta.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                return Grid.of_meta(json.load(f)), meta_path
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{meta_path}: unreadable meta.json ({type(e).__name__}: {e})") from None
+    for path in raw_image_candidates(task, case_id):
+        if os.path.isfile(path):
+            import SimpleITK as sitk
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(path)
+            try:
+                reader.ReadImageInformation()
+            except RuntimeError:
+                raise DataError(f"{path}: unreadable NIfTI header") from None
+            return Grid.of_image(reader), path
+    return None, None
+
+
+def align_to_image(task, case_id, label, itk, label_path):
+    """A raw label on the grid of its image (utils/geometry.py): as it is, re-indexed when stored in another
+    orientation over the same voxels (logged), DataError when the two do not overlay; unchecked (logged) when
+    neither meta.json nor the raw image is there."""
+    grid, source = image_grid(task, case_id)
+    if grid is None:
+        log.warning("%s: no %s_meta.json or raw image to check the label's geometry against", label_path, case_id)
+        return label
+    if label.ndim != 3:
+        raise DataError(f"{label_path}: expected a 3-D label volume, got shape {label.shape}")
+    label, note = align_label(label, Grid.of_image(itk), grid, label_path, source)
+    if note:
+        log.warning("%s", note)
+    return label
 
 
 def prediction_path(exp, fold, cps, case_id):
@@ -119,7 +167,8 @@ def collect_stats(task, exp, folds, cps, gt_mode="auto", progress=True):
     ids = read_list(task.split_path("test"))
     stats = np.zeros((folds, len(ids), task.num_cls - 1, 5))
     sources = {}
-    with tqdm(total=folds * len(ids), desc="evaluating", unit="case", disable=not progress) as bar:
+    # None: a bar only on a terminal (no carriage returns in redirected logs)
+    with tqdm(total=folds * len(ids), desc="evaluating", unit="case", disable=None if progress else True) as bar:
         for j, case_id in enumerate(ids):
             gt, sources[case_id] = load_gt(task, case_id, gt_mode)
             for k in range(folds):

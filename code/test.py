@@ -9,7 +9,8 @@ A|B|AB), Q44 (checkpoint loaded once with map_location). Usage, from the reposit
 Writes ``logs/<exp>/predictions_<cps>/<id>.nii.gz`` (the original's path; ``<cps>`` is the --cps value, or
 ``None`` without one, as in the original; an {A, B} checkpoint tested without --cps uses AB). The set is written
 into a staging folder and replaces the previous set as a whole only when every case is done, so an interrupted
-run leaves the old set untouched (and its staging folder is removed, at the latest by the next run).
+run (Ctrl-C, SIGTERM, an error) leaves the old set untouched and removes its staging folder (after kill -9, the next
+run does).
 """
 import argparse
 import logging

@@ -186,10 +186,11 @@ def test_existing_splits_and_npy_kept_unless_force(tmp_path):
     info = json.loads((out / "splits" / "split_info.json").read_text())
     assert info["kept"] == ["train", "eval", "test"] and info["seeds"]["train"] is None
 
-    np.save(out / "npy" / "0001_image.npy", np.zeros(3, np.float32))  # a re-run skips existing cases ...
+    marker = np.zeros(data["0001"][0].shape, np.float32)  # intact and of the label's shape: kept
+    np.save(out / "npy" / "0001_image.npy", marker)  # a re-run skips existing cases ...
     summary = preprocess("synapse", raw_dir=str(raw), out_dir=str(out), ratios=[40], progress=False)
     assert summary["skipped"] == ids_of(8) and summary["splits_written"] == []
-    assert np.load(out / "npy" / "0001_image.npy").shape == (3,)
+    np.testing.assert_array_equal(np.load(out / "npy" / "0001_image.npy"), marker)
 
     summary = preprocess("synapse", raw_dir=str(raw), out_dir=str(out), ratios=[40], force=True, progress=False)
     assert summary["converted"] == ids_of(8) and summary["splits_kept"] == []  # ... --force rewrites everything

@@ -34,21 +34,36 @@ def load_npy(path, split_path=None):
     try:
         return np.load(path)
     except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: unreadable npy file ({e})") from None
+        raise DataError(f"{path}: unreadable npy file ({e}); preprocessing rewrites damaged files") from None
+
+
+def check_label_values(label, label_path, num_cls):
+    """Stored labels are class ids: integer values in 0..C-1 (float arrays allowed, Q19, but no 1.5 that a
+    reader would round into another class); DataError naming the file otherwise."""
+    if label.dtype.kind not in "iubf":
+        raise DataError(f"{label_path}: expected integer class ids, found dtype {label.dtype}")
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"{label_path}: label contains NaN or infinite values")
+        if (label != np.rint(label)).any():
+            raise DataError(f"{label_path}: non-integer label values")
+    lo, hi = label.min(), label.max()
+    if lo < 0 or hi > num_cls - 1:
+        raise DataError(f"{label_path}: label values {lo}..{hi} outside 0..{num_cls - 1}")
 
 
 def check_pair(image, label, image_path, label_path, num_cls):
-    """Shapes, NaNs and label range of one stored case; DataError naming the file otherwise."""
+    """Shapes, NaNs, dtypes and label values of one stored case; DataError naming the file otherwise."""
     if image.ndim != 3:
         raise DataError(f"{image_path}: expected a 3-D (D, H, W) volume, got shape {image.shape}")
     if label.shape != image.shape:
         raise DataError(f"{label_path}: label shape {label.shape} differs from image shape {image.shape} "
                         f"({image_path})")
+    if image.dtype.kind not in "iuf":
+        raise DataError(f"{image_path}: expected a numeric volume, found dtype {image.dtype}")
     if image.dtype.kind == "f" and np.isnan(image).any():
         raise DataError(f"{image_path}: image contains NaN intensities")
-    lo, hi = label.min(), label.max()
-    if lo < 0 or hi > num_cls - 1 or (label.dtype.kind == "f" and not np.isfinite(hi)):
-        raise DataError(f"{label_path}: label values {lo}..{hi} outside 0..{num_cls - 1}")
+    check_label_values(label, label_path, num_cls)
 
 
 class VolumeDataset(Dataset):

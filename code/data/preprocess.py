@@ -61,9 +61,9 @@ def synapse_splits(ids, test, seed):
 
 def convert_case(case, task):
     """(float32 image, int8 label, meta) on the source grid, raw intensities (docs/pipeline.md#preprocessing)."""
-    image, label, itk = load_case(case, task.num_cls)
+    image, label, itk, note = load_case(case, task.num_cls)
     image = stored_volume(image, task)
-    return image, label.astype(np.int8), geometry_meta(itk, image.shape, case.image)
+    return image, label.astype(np.int8), geometry_meta(itk, image.shape, case.image, note)
 
 
 def preprocess(task="synapse", raw_dir=None, out_dir=None, seed=None, ratios=None, force=False, progress=True):

@@ -60,10 +60,10 @@ def amos_splits(tr_ids, va_ids, test, seed):
 
 def convert_case(case, task):
     """(float32 image, uint8 label, meta) on task.fixed_grid; meta geometry is the source image's."""
-    image, label, itk = load_case(case, task.num_cls)
+    image, label, itk, note = load_case(case, task.num_cls)
     image = stored_volume(image, task)
     label = resize_label(label, task.fixed_grid).astype(np.uint8)  # stored as uint8 (Q19; the original: float32)
-    return image, label, geometry_meta(itk, image.shape, case.image)
+    return image, label, geometry_meta(itk, image.shape, case.image, note)
 
 
 def preprocess(task="amos", raw_dir=None, out_dir=None, seed=None, ratios=None, force=False, progress=True):

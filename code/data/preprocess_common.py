@@ -20,8 +20,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data.dataset import check_pair
-from utils.io import (ConfigError, DataError, cli_main, describe_error, read_list, read_nifti, remove_stale_tmp,
-                      save_npy, write_json, write_list)
+from utils.geometry import Grid, align_label, reindexing
+from utils.io import (ConfigError, DataError, cli_main, describe_error, npy_header, read_list, read_nifti,
+                      remove_stale_tmp, save_npy, write_json, write_list)
 from utils.task import REPO_ROOT
 from utils.task import get_task
 
@@ -100,22 +101,30 @@ def _check_finite(path, array, what):
 
 
 def load_case(case, num_cls):
-    """(image, label, sitk image) of one case, checked: 3-D, equal shapes, no NaN/inf, integer labels in 0..C-1."""
+    """(image, label, sitk image, note) of one case, checked: 3-D, the label on the image's grid (utils/geometry.py:
+    size, spacing, origin, direction; a label stored in another orientation is re-indexed and ``note`` says so),
+    no NaN/inf, integer labels in 0..C-1."""
     image, itk = read_nifti(case.image)
-    label, _ = read_nifti(case.label)
+    label, label_itk = read_nifti(case.label)
     _check_finite(case.image, image, "image")
     _check_finite(case.label, label, "label")
-    if label.dtype.kind == "f" and np.isfinite(label).all() and (label != np.rint(label)).any():
-        raise DataError(f"{case.label}: non-integer label values")
-    check_pair(image, label, case.image, case.label, num_cls)
-    return image, label, itk
+    note = None
+    if image.ndim == label.ndim == 3 and (label.shape == image.shape or
+                                          reindexing(Grid.of_image(label_itk), Grid.of_image(itk)) is not None):
+        label, note = align_label(label, Grid.of_image(label_itk), Grid.of_image(itk), case.label, case.image)
+    check_pair(image, label, case.image, case.label, num_cls)  # other shapes: "label shape ... differs"
+    return image, label, itk, note
 
 
-def geometry_meta(itk, stored_shape, source):
-    """``<id>_meta.json`` (brief's contract): geometry of the source image in SimpleITK (x, y, z) order."""
-    return {"spacing": [float(v) for v in itk.GetSpacing()], "origin": [float(v) for v in itk.GetOrigin()],
+def geometry_meta(itk, stored_shape, source, note=None):
+    """``<id>_meta.json`` (brief's contract): geometry of the source image in SimpleITK (x, y, z) order; ``note``:
+    how the label was brought onto the image grid, if it had to be."""
+    meta = {"spacing": [float(v) for v in itk.GetSpacing()], "origin": [float(v) for v in itk.GetOrigin()],
             "direction": [float(v) for v in itk.GetDirection()], "shape": [int(v) for v in stored_shape],
             "source_shape": [int(v) for v in reversed(itk.GetSize())], "source": os.fspath(source)}
+    if note:
+        meta["label_reindexed"] = note
+    return meta
 
 
 # ---------------------------------------------------------------- split rules
@@ -283,10 +292,29 @@ def npy_files(folder, case_id):
             for k, ext in (("image", "npy"), ("label", "npy"), ("meta", "json"))}
 
 
+def kept_problem(files):
+    """Why the existing files of a case cannot be kept, or None. Cheap: npy headers against file sizes, the two
+    shapes, meta.json parsed (a copy cut short would otherwise be kept and only fail in training)."""
+    try:
+        (image_shape, _), (label_shape, _) = npy_header(files["image"]), npy_header(files["label"])
+        with open(files["meta"]) as f:
+            meta = json.load(f)
+    except DataError as e:
+        return str(e)
+    except (OSError, ValueError) as e:
+        return f"{files['meta']}: unreadable ({e})"
+    if label_shape != image_shape:
+        return f"{files['label']}: shape {label_shape} differs from the image's {image_shape}"
+    if not isinstance(meta, dict) or list(meta.get("shape") or image_shape) != list(image_shape):
+        return f"{files['meta']}: does not describe the stored image of shape {image_shape}"
+    return None
+
+
 def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, ratios, force, progress):
     """Convert ``cases`` with ``convert(case) -> (image, label, meta)`` and write npy + splits into ``out_dir``.
 
-    Cases whose three files already exist are skipped unless ``force``; nothing is written if anything fails."""
+    Cases whose three files already exist and pass ``kept_problem`` are skipped unless ``force``; damaged ones are
+    converted again; nothing is written if anything fails."""
     seed = task.split_seed if seed is None else seed
     ratios = sorted(set(task.label_ratios if ratios is None else ratios))
     if seed < 0:
@@ -298,12 +326,22 @@ def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, r
     npy_dir, splits_dir = os.path.join(out_dir, "npy"), os.path.join(out_dir, "splits")
     splits, written, rules = plan_splits(splits_dir, make_base, ratios, seed, force)
     check_splits(splits, ids, splits_dir, raw_dir)
-    todo = [c for c in cases if force or not all(map(os.path.isfile, npy_files(npy_dir, c.id).values()))]
+    todo, damaged = [], {}
+    for c in cases:
+        files = npy_files(npy_dir, c.id)
+        if force or not all(map(os.path.isfile, files.values())):
+            todo.append(c)
+        elif (problem := kept_problem(files)) is not None:
+            damaged[c.id] = problem
+            todo.append(c)
+    notes = {}
     with staging_folder(out_dir) as stage:
         with tqdm(todo, desc=f"{task.name} cases", unit="case",
                   disable=True if not progress or not todo else None) as bar:  # None: no bar when not a TTY
             for case in bar:
                 image, label, meta = convert(case)
+                if meta.get("label_reindexed"):
+                    notes[case.id] = meta["label_reindexed"]
                 files = npy_files(os.path.join(stage, "npy"), case.id)
                 save_npy(files["image"], image)
                 save_npy(files["label"], label)
@@ -318,7 +356,8 @@ def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, r
     return {"task": task.name, "raw_dir": raw_dir, "data_dir": out_dir, "cases": len(cases), "seed": seed,
             "converted": [c.id for c in todo], "skipped": sorted(set(ids) - {c.id for c in todo}),
             "splits": {n: len(v) for n, v in splits.items()}, "splits_written": written,
-            "splits_kept": [n for n in splits if n not in written], "unsplit": unsplit}
+            "splits_kept": [n for n in splits if n not in written], "unsplit": unsplit, "damaged": damaged,
+            "label_notes": notes}
 
 
 # ---------------------------------------------------------------- CLI
@@ -344,6 +383,10 @@ def format_summary(s):
         lines.append(f"splits written (seed {s['seed']}): {counts(s['splits_written'])}")
     if s["splits_kept"]:
         lines.append(f"existing splits kept (--force regenerates): {counts(s['splits_kept'])}")
+    for problem in s.get("damaged", {}).values():
+        lines.append(f"damaged, converted again: {problem}")
+    for note in s.get("label_notes", {}).values():
+        lines.append(f"note: {note}")
     if s["unsplit"]:
         lines.append(f"warning: {len(s['unsplit'])} cases are in none of the kept train/eval/test lists: "
                      f"{' '.join(s['unsplit'][:10])}")

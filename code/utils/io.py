@@ -158,11 +158,32 @@ def read_list(path):
     then get sorted (Q21, docs/original-quirks.md)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: split file not found (run preprocessing first)")
-    with open(path) as f:
-        ids = sorted(line.strip() for line in f if line.strip())
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark is not part of the first id
+            ids = sorted(line.strip() for line in f if line.strip())
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file of case ids (byte {e.start}: {e.reason})") from None
     if not ids:
         raise DataError(f"{path}: split file is empty")
+    repeated = sorted({i for i, j in zip(ids, ids[1:]) if i == j})
+    if repeated:  # a case listed twice would be drawn twice as often
+        raise DataError(f"{path}: ids listed more than once: {', '.join(repeated[:5])}")
     return ids
+
+
+def npy_header(path):
+    """(shape, dtype) of a complete npy file, or a DataError saying what is wrong with it. Cheap: only the header
+    is read and the file size compared with what it promises (a copy cut short, or padded, is damaged)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: unreadable npy file ({e})") from None
+    shape, dtype, expected = array.shape, array.dtype, array.offset + array.nbytes
+    del array  # closes the map
+    size = os.path.getsize(path)
+    if size != expected:
+        raise DataError(f"{path}: damaged npy file ({size} bytes, its header promises {expected})")
+    return shape, dtype
 
 
 def write_list(path, ids):
@@ -270,6 +291,60 @@ def describe_error(e):
     return None
 
 
+def checkpoint_problem(path, error):
+    """Why ``torch.load`` failed on ``path``, told from the file itself (torch's own message for a damaged file can
+    advise retrying with ``weights_only=False``, which would not help)."""
+    import zipfile
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        return "empty file (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+            return f"truncated or corrupt zip archive ({size} bytes)"
+        if bad is not None:
+            return f"corrupt zip archive (member {bad} fails its CRC check)"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found:
+            return f"holds Python objects besides tensors ({found.group(1)}), so it is not a weights file"
+        return f"a zip archive that is not a PyTorch checkpoint ({type(error).__name__})"
+    if head[:1] == b"\x80":  # a pickle: the legacy (torch < 1.6) format or another program's file
+        return f"a pickle that is not a readable PyTorch checkpoint ({size} bytes, damaged or another program's)"
+    return f"not a PyTorch checkpoint (neither a zip archive nor a pickle; it starts with {head[:8]!r})"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so ``finally`` blocks (staging folders, temporaries) run as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises ``Terminated`` (main thread only; elsewhere a no-op)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupt_exit(e):
+    """(message, exit code) of Ctrl-C (130) or SIGTERM (143)."""
+    return ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 def is_out_of_memory(e):
     """torch's CUDA OutOfMemoryError or a CPU allocator failure (both RuntimeErrors)."""
     text = str(e)
@@ -280,12 +355,13 @@ def is_out_of_memory(e):
 def cli_main(func):
     """Decorate a command-line ``main``: a DataError/ConfigError, or an environment failure (disk full, read-only
     or non-directory output: OSError; out of memory), becomes one ``error: <message>`` line on stderr and exit
-    code 2 (no traceback); other exceptions are bugs and keep theirs. Ctrl-C exits 130 with one line. Returns 0 on
-    success."""
+    code 2 (no traceback); other exceptions are bugs and keep theirs. Ctrl-C exits 130 and SIGTERM 143 with one
+    line, after the ``finally`` blocks have removed staging folders. Returns 0 on success."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            code = func(*args, **kwargs)
+            with sigterm_raises():
+                code = func(*args, **kwargs)
         except (DataError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -295,8 +371,9 @@ def cli_main(func):
                 raise
             print(f"error: {message}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            message, code = interrupt_exit(e)
+            print(message, file=sys.stderr)
+            return code
         return 0 if code is None else code
     return wrapper
