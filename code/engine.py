@@ -25,11 +25,11 @@ import torch
 
 from utils import distributed, ramps
 from utils.device import place_module
-from utils.io import (ConfigError, DataError, FolderLock, describe_error, exp_dir, is_out_of_memory, remove_stale_tmp,
-                      torch_save, write_json)
-from utils.runinfo import build_parser, resolve_config, resume_mismatch, run_record
-from utils.runsetup import build_datasets, make_loader, rng_state, seed_everything, set_rng_state, setup_logging, \
-    teardown_logging
+from utils.io import (ConfigError, DataError, FolderLock, checkpoint_problem, describe_error, exp_dir, interrupt_exit,
+                      is_out_of_memory, remove_stale_tmp, sigterm_raises, torch_save, write_json)
+from utils.runinfo import build_parser, read_run_json, resolve_config, resume_conflicts, resume_mismatch, run_record
+from utils.runsetup import build_datasets, check_iterations, make_loader, rng_state, seed_everything, set_rng_state, \
+    setup_logging, teardown_logging
 from utils.validation import validate
 
 log = logging.getLogger("engine")
@@ -210,6 +210,7 @@ class Trainer:
         self.folder = exp_dir(cfg.exp)
         seed_everything(cfg.seed, cfg.deterministic)
         self.labeled, self.unlabeled, self.eval_ds = build_datasets(cfg, method_cls)
+        check_iterations(cfg, method_cls, self.labeled, self.unlabeled)  # before anything is written
         self.method = method_cls(cfg)  # built from --seed: every rank holds the same nets and teachers
         for module in (*self.method.nets.values(), *self.method.aux.values()):
             place_module(module, cfg.device)
@@ -224,6 +225,7 @@ class Trainer:
         self.start_epoch, self.best_dice, self.best_epoch = 0, -1.0, 0
         self.nonfinite_total = self.nonfinite_row = 0  # the row is counted across epochs
         self.writer, self.writes_files, self.lock, self._notes = None, False, None, []
+        self._resumes = []  # run.json "resumes": earlier resumes and this one (epoch, settings changed)
 
     # -- files
     def _ckpt(self, name):
@@ -243,25 +245,47 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total, "nonfinite_row": self.nonfinite_row,
             "grads_defined": grads_defined(self.method.nets)})
 
-    def resume(self):
-        """Load last.pth into the nets, optimisers, scaler, method and RNGs, after checking that run.json
-        describes the same method and network. Writes nothing; any problem is one DataError."""
-        path = self._ckpt("last.pth")
+    def _check_run_json(self):
+        """--resume continues the run that was started: run.json must describe the same method and network, and
+        every flag but -ep (and where the run computes, RESUME_MAY_CHANGE) must be the run's (README: Training)."""
         info_path = os.path.join(self.folder, "run.json")
-        if os.path.isfile(info_path):
-            try:
-                with open(info_path) as f:
-                    old = json.load(f)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{info_path}: unreadable run config ({e})") from None
-            problem = resume_mismatch(old, json.loads(json.dumps(run_record(self.cfg, self.method), default=str)))
-            if problem:
-                raise DataError(f"{info_path}: cannot resume: the run was trained with {problem}; "
-                                "resume with the run's own script and flags")
+        if not os.path.isfile(info_path):
+            self._notes.append(f"warning: no run.json in {self.folder}: cannot check that the flags are the run's")
+            return
+        old = read_run_json(info_path)
+        new = json.loads(json.dumps(run_record(self.cfg, self.method), default=str))
+        problem = resume_mismatch(old, new)
+        if problem:
+            raise DataError(f"{info_path}: cannot resume: the run was trained with {problem}; "
+                            "resume with the run's own script and flags")
+        conflicts, changes = resume_conflicts(old, new, build_parser(type(self.method)))
+        if conflicts:
+            raise ConfigError(f"{info_path}: cannot resume with other settings than the run's: {'; '.join(conflicts)}"
+                              " (only -ep may be raised; drop these flags or give the run's values)")
+        self._resumes = list(old.get("resumes") or []) + [{"changed": changes}]
+        if changes:
+            self._notes.append("resumed with " + ", ".join(f"{k} {b} (was {a})" for k, (a, b) in changes.items()))
+
+    def _check_epochs_left(self, path, state):
+        """A resume that would train no epoch is refused (a finished or early-stopped run)."""
+        cfg, last = self.cfg, state["epoch"]
+        if last >= cfg.max_epoch:
+            raise ConfigError(f"-ep/--max_epoch {cfg.max_epoch}: {path} already holds epoch {last}, the run's last; "
+                              "raise -ep to train longer")
+        patience = cfg.task.early_stop_patience
+        if self.method.early_stop and last % cfg.eval_every == 0 and last - state["best_epoch"] == patience:
+            raise ConfigError(f"{path}: the run stopped early at epoch {last} (no improvement for {patience} epochs); "
+                              "there is nothing to continue")
+
+    def resume(self):
+        """Load last.pth into the nets, optimisers, scaler, method and RNGs, after checking run.json
+        (``_check_run_json``) and that an epoch is left to train. Writes nothing; any problem is one error."""
+        path = self._ckpt("last.pth")
+        self._check_run_json()
         try:
             state = torch.load(path, map_location=self.cfg.device, weights_only=False)
         except Exception as e:  # zip, pickle and EOF errors have no common base class
-            raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); "
+            raise DataError(f"{path}: unreadable checkpoint ({checkpoint_problem(path, e)}); "
                             "train again with --overwrite") from None
         try:
             for k, net in self.method.nets.items():
@@ -278,6 +302,7 @@ class Trainer:
             else:  # another world size: fresh per-rank streams
                 self._notes.append(f"resumed with {distributed.world_size()} processes from a run with "
                                    f"{len(ranks or [0])}: data order and augmentation streams restart")
+            self._check_epochs_left(path, state)
             self.start_epoch = state["epoch"] + 1
             self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
             self.nonfinite_total = state["nonfinite_total"]
@@ -445,7 +470,10 @@ class Trainer:
         cfg = self.cfg
         self._open_outputs()  # claims the folder and loads last.pth (--resume) before writing anything
         if self.writes_files:
-            write_json(os.path.join(self.folder, "run.json"), run_record(cfg, self.method))
+            record = run_record(cfg, self.method)
+            if self._resumes:  # the run's earlier flags stay on record (only RESUME_MAY_CHANGE ones can differ)
+                record["resumes"] = self._resumes[:-1] + [dict(self._resumes[-1], epoch=self.start_epoch)]
+            write_json(os.path.join(self.folder, "run.json"), record)
         for note in self._notes:
             log.info(note)
         if not cfg.resume:
@@ -491,15 +519,21 @@ def out_of_memory_message(cfg):
 
 def run(method_cls, argv=None):
     """Entry point of every ``train_<method>.py``: bad input, a full disk, an unwritable output, out of memory, or a
-    run stopped by non-finite losses -> one ``error: ...`` line on stderr, exit 2. Ctrl-C propagates."""
+    run stopped by non-finite losses -> one ``error: ...`` line on stderr, exit 2. Ctrl-C -> ``interrupted``, exit
+    130; SIGTERM -> ``terminated``, 143 (last.pth of the last finished epoch stays: it is replaced atomically)."""
     cfg = None
     try:
-        cfg = resolve_config(method_cls, build_parser(method_cls).parse_args(argv))
-        distributed.init_from_env(cfg.device)  # torchrun: gloo on CPU, NCCL on CUDA
-        try:
-            return Trainer(method_cls, cfg).fit()
-        finally:
-            distributed.shutdown()
+        with sigterm_raises():
+            cfg = resolve_config(method_cls, build_parser(method_cls).parse_args(argv))
+            distributed.init_from_env(cfg.device)  # torchrun: gloo on CPU, NCCL on CUDA
+            try:
+                return Trainer(method_cls, cfg).fit()
+            finally:
+                distributed.shutdown()
+    except KeyboardInterrupt as e:
+        message, code = interrupt_exit(e)
+        print(message, file=sys.stderr)
+        sys.exit(code)
     except (DataError, ConfigError, FloatingPointError) as e:
         message = str(e)
     except (OSError, MemoryError, RuntimeError) as e:

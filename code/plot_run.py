@@ -83,9 +83,10 @@ def run_info(run):
     path = os.path.join(run, "run.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            info = json.load(f)
     except (OSError, ValueError):
         return {}
+    return info if isinstance(info, dict) else {}  # valid JSON but not a run config: as if missing
 
 
 # ------------------------------------------------------------------------------------------------- curves

@@ -40,7 +40,7 @@ def test_resume_gives_identical_weights(tiny_data, monkeypatch):
             raise KeyboardInterrupt  # killed after epoch 1 was saved
 
     monkeypatch.setattr(engine.Trainer, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^130$"):  # Ctrl-C: "interrupted", exit 130
         engine.run(DHC, FAST + ["--exp", "resumed", "-ep", "3"])
     monkeypatch.setattr(engine.Trainer, "save_last", original_save)
     engine.run(DHC, FAST + ["--exp", "resumed", "-ep", "3", "--resume"])

@@ -56,7 +56,7 @@ def test_resume_is_bit_identical(name, tiny_data, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(engine.Trainer, "save_last", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^130$"):  # Ctrl-C: "interrupted", exit 130
         engine.run(cls, flags(name, "resumed", 3))
     monkeypatch.setattr(engine.Trainer, "save_last", original_save)
     engine.run(cls, flags(name, "resumed", 3) + ["--resume"])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.inference import prepare_net
-from utils.io import ConfigError, DataError, exp_dir
+from utils.io import ConfigError, DataError, checkpoint_problem, exp_dir
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def load_checkpoint(path, expected_keys=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors have no common base class
-        raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: unreadable checkpoint: {checkpoint_problem(path, e)}") from None
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         nets = {None: ckpt}
     elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, dict) for v in ckpt.values()):

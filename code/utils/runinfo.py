@@ -3,6 +3,7 @@
 Qn: docs/original-quirks.md."""
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -12,7 +13,7 @@ import types
 import torch
 
 from utils.device import resolve_device
-from utils.io import ConfigError, write_json
+from utils.io import ConfigError, DataError, write_json
 from utils.task import REPO_ROOT, get_task, task_names
 
 
@@ -40,7 +41,9 @@ def build_parser(method_cls):
                    help="default: the labeled split's partner (labeled_Xp -> unlabeled_Xp, Q8)")
     p.add_argument("-se", "--split_eval", default="eval")
     p.add_argument("-ep", "--max_epoch", type=int, default=None,
-                   help="E (epochs 0..E run); default from the task config for the split's label ratio")
+                   help="E (epochs 0..E run); default from the task config for the split's label ratio. With "
+                        "--resume it may be raised to train longer (the LR schedule, and the ramp-up unless -cr is "
+                        "given, then follow the new E); every other training flag must be the run's")
     p.add_argument("--cps_loss", default="wce")
     p.add_argument("--sup_loss", default="w_ce+dice")
     p.add_argument("--batch_size", type=int, default=d.get("batch_size", 2))
@@ -59,7 +62,9 @@ def build_parser(method_cls):
                    help="the original's flag: same as --amp")
     p.add_argument("-g", "--gpu", default="0", help="CUDA device index used when --device is auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue from logs/<exp>/ckpts/last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from logs/<exp>/ckpts/last.pth with the run's flags (flags that contradict its "
+                        "run.json are refused; -ep may be raised, --device/--num_workers may change)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run in logs/<exp> (its checkpoints, logs and predictions_* are removed); "
                         "without it a folder holding best_model.pth or last.pth is refused")
@@ -101,6 +106,9 @@ def resolve_config(method_cls, args):
                                ("--n_filters", args.n_filters, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} {value}: must be >= {least}")
+    if args.consistency_rampup is not None and not args.cps_rampup:  # it would be silently ignored
+        raise ConfigError(f"-cr/--consistency_rampup {args.consistency_rampup:g}: has no effect without "
+                          "-r/--cps_rampup (the ramp-up is off)")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other (continue the run, or replace it)")
     # "is None", not "or": -ep 0 is one epoch (0..0) and -cr 0 no ramp, as the original
@@ -179,6 +187,44 @@ def resume_mismatch(old, new):
         elif a != b:
             return f"{key} {a!r} (now {b!r})"
     return None
+
+
+# run.json "args" that --resume may change: where and how fast the run computes, and -ep (raised to train longer)
+RESUME_MAY_CHANGE = ("max_epoch", "rampup_length", "device", "gpu", "num_workers", "world_size", "deterministic")
+
+
+def read_run_json(path):
+    """A stored run.json as a dict; DataError when it is unreadable or not a JSON object."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable run config ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("args", {}), dict):
+        raise DataError(f"{path}: not a run config (expected a JSON object with an 'args' object)")
+    return info
+
+
+def resume_conflicts(old, new, parser):
+    """(conflicts, changes) between the stored run.json ``old`` and this invocation's record ``new`` (both as JSON):
+    one ``"--flag now (run: before)"`` per differing setting that --resume must keep, and {key: [before, now]} of
+    the RESUME_MAY_CHANGE ones. Settings missing from either side (older records) are not compared."""
+    flags = {}
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs:
+            flags.setdefault(action.dest, longs[0])
+    a_args, b_args = old.get("args", {}), new.get("args", {})
+    conflicts, changes = [], {}
+    for key in sorted(set(a_args) & set(b_args) - {"resume", "overwrite", "exp"}):  # exp: a moved folder is the run
+        before, now = a_args[key], b_args[key]
+        if before == now:
+            continue
+        if key in RESUME_MAY_CHANGE:
+            changes[key] = [before, now]
+        else:
+            conflicts.append(f"{flags.get(key, key)} {now} (run: {before})")
+    return conflicts, changes
 
 
 def write_run_json(cfg, method, folder):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from utils import distributed
-from utils.io import DataError, read_list
+from utils.io import ConfigError, DataError, read_list
 
 
 def seed_everything(seed, deterministic=False):
@@ -57,6 +57,24 @@ def make_loader(dataset, cfg, method, shuffle=True, epoch=0, stream=0):
         drop_last=method.drop_last)
 
 
+def check_iterations(cfg, method, labeled, unlabeled):
+    """ConfigError unless an epoch has at least one training iteration: with drop_last (ADSH) a batch larger than
+    a split's cases per process gives none, and a run would end "done" with an untrained best_model.pth. Counted
+    from the loaders' lengths (no RNG is drawn)."""
+    loaders = [(ds, make_loader(ds, cfg, method)) for ds in (unlabeled, labeled) if ds is not None]
+    ds, loader = min(loaders, key=lambda item: len(item[1]))  # the unlabeled split first: it sets the length
+    if len(loader) > 0:
+        return
+    per_rank, ranks = len(loader.sampler), distributed.world_size()
+    why = f"an epoch would have no training iteration: {ds.split_path} gives {per_rank} samples"
+    if per_rank == 0:
+        raise ConfigError(f"torchrun --nproc_per_node {ranks}: {why} per process ({len(ds)} for {ranks} processes) "
+                          f"and {cfg.method} drops incomplete batches; use fewer processes or a larger split")
+    raise ConfigError(f"--batch_size {cfg.batch_size}: {why}{' per process' if ranks > 1 else ''}, fewer than one "
+                      f"batch, and {cfg.method} drops incomplete batches; lower --batch_size to at most {per_rank} "
+                      "or use a larger split")
+
+
 def build_datasets(cfg, method):
     """(labeled, unlabeled or None, eval) datasets. The labeled set repeats to the unlabeled length
     (docs/pipeline.md#loaders)."""
@@ -78,12 +96,14 @@ def check_no_leakage(task, labeled, unlabeled, evaluation):
     present): e.g. the original's AMOS 20 % lists hold 20 eval ids. A DataError names the files and ids."""
     test_path = task.split_path("test")
     test = set(read_list(test_path)) if os.path.isfile(test_path) else set()
-    sets = [(ds.split_path, set(ds.ids)) for ds in (labeled, unlabeled) if ds is not None]
-    pairs = [(a, b) for a in sets for b in [(evaluation.split_path, set(evaluation.ids))]]
-    pairs += [(a, (test_path, test)) for a in sets + [(evaluation.split_path, set(evaluation.ids))]]
-    for (path_a, ids_a), (path_b, ids_b) in pairs:
+    sets = [(ds.split_path, set(ds.ids), "a training") for ds in (labeled, unlabeled) if ds is not None]
+    evals = (evaluation.split_path, set(evaluation.ids), "the validation")
+    pairs = [(a, evals) for a in sets] + [(a, (test_path, test, "the test")) for a in sets + [evals]]
+    for (path_a, ids_a, role_a), (path_b, ids_b, role_b) in pairs:
         shared = sorted(ids_a & ids_b)
-        if shared and path_a != path_b:
+        if shared and path_a == path_b:  # e.g. -se labeled_20p, or -sl test
+            raise DataError(f"{path_a}: is both {role_a} split and {role_b} split; choose other -sl/-su/-se splits")
+        if shared:
             raise DataError(f"{path_a}: shares {len(shared)} ids with {path_b} ({', '.join(shared[:5])}); "
                             "training on evaluation or test cases leaks them")
 
