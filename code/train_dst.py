@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from cotraining import CoTraining
 from engine import run
 from models.vnet_dst import WarmStartGradientReverseLayer  # noqa: F401 (public API of this module)
+from utils.device import at_least_fp32
 from utils.io import ConfigError
 from utils.loss import WeightedCrossEntropyLoss
 
@@ -34,14 +35,14 @@ class WorstCaseEstimationLoss(nn.Module):
 
     def forward(self, y_l, y_l_adv, y_u, y_u_adv):
         loss_l = self.eta_prime * F.cross_entropy(y_l_adv, y_l.argmax(1))
-        away = torch.clamp(1.0 - torch.softmax(y_u_adv, 1) + 1e-6, max=1.0)
+        away = torch.clamp(1.0 - torch.softmax(at_least_fp32(y_u_adv), 1) + 1e-6, max=1.0)  # fp32 as CUDA autocast
         loss_u = F.nll_loss(torch.log(away), y_u.argmax(1))
         return loss_l + loss_u
 
 
 def confident_labels(logits):
     """(T1): detached ``(argmax, mask)`` of softmax(logits), mask = 1 where the maximum exceeds CONFIDENCE."""
-    conf, labels = torch.softmax(logits.detach(), 1).max(1)
+    conf, labels = torch.softmax(at_least_fp32(logits.detach()), 1).max(1)  # fp32 as CUDA autocast
     return labels, (conf > CONFIDENCE).float()
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine import Method, run
+from utils.device import at_least_fp32
 from utils.distributed import all_gather_cat
 from utils.loss import SoftDiceLoss
 
@@ -61,17 +62,18 @@ def contrastive_class_to_class_learned_memory(model, features, labels, num_class
     """Σ_c mean_ij(D_ij·ŝ_i·r̂_j) / C with D = 1 − cos(features_c, memory[c]) (S3): ŝ = M·s/Σs from
     s = sigmoid(selector_c(features_c.detach())); r̂ from the memory selector on the normalised memory, rescaled
     by its size-1 axis (= 1, original) or by N/Σr ("normalised"). Classes with < 2 features or rows are skipped;
-    the memory is a constant. Returns a scalar tensor (0 without any usable class)."""
+    the memory is a constant. Returns a scalar tensor (0 without any usable class). Norms and sums in fp32, as
+    CUDA autocast runs them (the matmul stays in the autocast dtype)."""
     loss = features.new_zeros((), dtype=torch.float32)
     for c, feats in enumerate(split_by_class(features, labels, num_classes)):
         mem = memory[c]
         if mem is None or feats.shape[0] <= 1 or mem.shape[0] <= 1:
             continue
-        mem = F.normalize(mem.detach().to(features.device), dim=1)
-        dist = 1 - F.normalize(feats, dim=1) @ mem.t()                                        # [M, N] in [0, 2]
-        s = torch.sigmoid(getattr(model, f"contrastive_class_selector_{c}")(feats.detach()))  # [M, 1]
+        mem = F.normalize(at_least_fp32(mem.detach().to(features.device)), dim=1)
+        dist = 1 - F.normalize(at_least_fp32(feats), dim=1) @ mem.t()                         # [M, N] in [0, 2]
+        s = at_least_fp32(torch.sigmoid(getattr(model, f"contrastive_class_selector_{c}")(feats.detach())))  # [M,1]
         dist = dist * ((s.shape[0] / s.sum(dim=0)) * s)
-        r = torch.sigmoid(getattr(model, f"contrastive_class_selector_memory{c}")(mem)).t()  # [1, N]
+        r = at_least_fp32(torch.sigmoid(getattr(model, f"contrastive_class_selector_memory{c}")(mem))).t()  # [1,N]
         axis = 1 if memory_weights == "normalised" else 0  # the original sums over the size-1 axis: r̂ = r/r
         dist = dist * ((r.shape[axis] / r.sum(dim=axis, keepdim=True)) * r)
         loss = loss + dist.mean()
@@ -115,17 +117,17 @@ class VAT3d(nn.Module):
 
     def forward(self, model, x, d=None):
         with torch.no_grad():
-            target = F.softmax(_logits(model(x)), dim=1)
+            target = F.softmax(at_least_fp32(_logits(model(x))), dim=1)  # fp32 as CUDA autocast
         # the start direction is drawn from the CPU generator, then moved, as the original (same stream on CUDA)
         d = torch.rand(x.shape, dtype=x.dtype).sub(0.5).to(x.device) if d is None else d.detach().to(x)
         d = l2_normalize(d)
         with frozen_bn_stats(model):
             for _ in range(self.ip):
                 d.requires_grad_(True)
-                dist = self.distance(F.softmax(_logits(model(x + self.xi * d)), dim=1), target)
+                dist = self.distance(F.softmax(at_least_fp32(_logits(model(x + self.xi * d))), dim=1), target)
                 (grad,) = torch.autograd.grad(dist * self.grad_scale, d)
                 d = l2_normalize(grad)
-            return self.distance(F.softmax(_logits(model(x + self.epi * d)), dim=1), target)
+            return self.distance(F.softmax(at_least_fp32(_logits(model(x + self.epi * d))), dim=1), target)
 
 
 class SSNet(Method):
@@ -161,7 +163,7 @@ class SSNet(Method):
         net, n_l = self.nets["model"], x_l.shape[0]
         x, y = torch.cat([x_l, x_u]), y_l[:, 0].long()
         logits, embedding = net(x)
-        probs = F.softmax(logits, dim=1)
+        probs = F.softmax(at_least_fp32(logits), dim=1)  # fp32 as CUDA autocast
         pred = probs.argmax(1)
         feats = embedding.permute(0, 2, 3, 4, 1)  # [B, D, H, W, F]
         correct = (pred[:n_l] == y) & (pred[:n_l] > 0)  # correctly predicted foreground voxels (S2)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from engine import run
 from meanteacher import MeanTeacher, update_ema_variables  # noqa: F401  (public API of this module)
+from utils.device import at_least_fp32
 from utils.loss import RobustCrossEntropyLoss, SoftDiceLoss
 from utils.ramps import sigmoid_rampup
 
@@ -29,7 +30,7 @@ def gaussian_noise(x):
 
 def softmax_mse_loss(a, b):
     """Element-wise ``(softmax(a) − softmax(b))²`` over the class dim 1 of two logit tensors; no reduction."""
-    return (torch.softmax(a, 1) - torch.softmax(b, 1)) ** 2
+    return (torch.softmax(at_least_fp32(a), 1) - torch.softmax(at_least_fp32(b), 1)) ** 2
 
 
 def uncertainty_threshold(epoch, max_epoch, num_classes=2):
@@ -85,7 +86,7 @@ class UAMT(MeanTeacher):
             teacher_logits = self.teacher(x_t)                           # the consistency target: one pass
         uncertainty = self.mc_uncertainty(x_u)
         y = y_l[:, 0]
-        loss_sup = 0.5 * (self.ce(logits[:n_l], y) + self.dice(F.softmax(logits[:n_l], 1), y))
+        loss_sup = 0.5 * (self.ce(logits[:n_l], y) + self.dice(F.softmax(at_least_fp32(logits[:n_l]), 1), y))
         threshold = uncertainty_threshold(step.epoch, self.cfg.max_epoch, self.scale_classes)  # current epoch
         loss_con = uamt_consistency_loss(logits[n_l:], teacher_logits, uncertainty, threshold, self.scale_classes)
         return {"loss": loss_sup + step.unsup_w * loss_con, "sup": loss_sup, "cps": loss_con,  # (uamt-6)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import Method, run
+from utils.device import at_least_fp32
 from utils.loss import RobustCrossEntropyLoss, SoftDiceLoss
 
 URPC_N_FILTERS = 16  # the original's unet_3D_ds(feature_scale=4): filters 16, 32, 64, 128, 256
@@ -25,7 +26,7 @@ def deep_supervision_loss(logits_l, label_l):
     """(U1): ``(Σ_k CE(o_k, y) + Σ_k Dice(softmax o_k, y)) / 8`` over the four heads' labeled logits
     ``[B, C, D, H, W]``; ``label_l`` is ``[B, 1, D, H, W]`` or ``[B, D, H, W]``. The Dice term is negative."""
     ce = sum(_ce(o, label_l) for o in logits_l)
-    dice = sum(_dice(torch.softmax(o, 1), label_l) for o in logits_l)
+    dice = sum(_dice(torch.softmax(at_least_fp32(o), 1), label_l) for o in logits_l)
     return (ce + dice) / (2 * len(logits_l))
 
 
@@ -35,7 +36,9 @@ def uncertainty_rectified_loss(logits_u, log_softmax=False):
 
         L = mean_k [ mean_{b,c,v}((p̄ − p_k)² e_k) / (mean_{b,v} e_k + 1e-8) + mean_{b,v} v_k ].
 
-    ``log_softmax=True`` takes log p_k from ``log_softmax`` (finite where a probability underflows to 0)."""
+    ``log_softmax=True`` takes log p_k from ``log_softmax`` (finite where a probability underflows to 0).
+    Softmax, log and exp in fp32, as CUDA autocast runs them (under CPU fp16 autocast log(softmax) would be -inf)."""
+    logits_u = [at_least_fp32(o) for o in logits_u]
     probs = [torch.softmax(o, 1) for o in logits_u]
     mean = sum(probs) / len(probs)
     total = 0

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, get_conv_layer
 from monai.networks.layers.utils import get_norm_layer
 
+from utils.device import at_least_fp32
 from utils.io import ConfigError
 
 PAPER_PATCH = (64, 128, 128)
@@ -72,7 +73,8 @@ class EPA(nn.Module):
         qkvv = self.qkvv(x).reshape(b, n, 4, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1)
         q, k, v_ca, v_sa = qkvv[0], qkvv[1], qkvv[2], qkvv[3]          # [B, h, dh, N] each
         k_proj, v_sa_proj = k @ self.EF, v_sa @ self.EF                  # [B, h, dh, P]
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)            # over the tokens
+        # over the tokens; in fp32 as CUDA autocast runs norms (the matmuls below cast back to the autocast dtype)
+        q, k = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(k), dim=-1)
         attn_ca = self.attn_drop(((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1))  # [B,h,dh,dh]
         x_ca = (attn_ca @ v_ca).permute(0, 3, 1, 2).reshape(b, n, c)
         attn_sa = self.attn_drop_2(((q.transpose(-2, -1) @ k_proj) * self.temperature2).softmax(dim=-1))

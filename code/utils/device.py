@@ -25,3 +25,13 @@ def place_module(module, device, channels_last=False):
     if channels_last and torch.device(device).type == "cpu":
         module = module.to(memory_format=torch.channels_last_3d)
     return module
+
+
+def at_least_fp32(x):
+    """``x`` in float32 when it is fp16/bf16 (autocast), unchanged when fp32/fp64.
+
+    CUDA autocast runs softmax, log, exp, pow and sums in fp32, CPU autocast keeps them in fp16 (where, e.g., the
+    log of an underflowed softmax is -inf). Losses and statistics pass network outputs through this before such ops,
+    so their numerics do not depend on the device's autocast lists: on CUDA it changes nothing, and ``--amp`` on the
+    CPU computes them as CUDA does (docs/pipeline.md#schedules)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.device import at_least_fp32
 from utils.io import ConfigError
 
 
 def softmax_helper(x):
-    return torch.softmax(x, 1)
+    return torch.softmax(at_least_fp32(x), 1)  # fp32 as under CUDA autocast
 
 
 def _as_weight(weight):
@@ -87,7 +88,7 @@ class SoftDiceLoss(_ClassWeighted):
         axes = [0] + list(range(2, x.dim())) if self.batch_dice else list(range(2, x.dim()))
         if self.apply_nonlin is not None:
             x = self.apply_nonlin(x)
-        tp, fp, fn, _ = get_tp_fp_fn_tn(x, y, axes, loss_mask)
+        tp, fp, fn, _ = get_tp_fp_fn_tn(at_least_fp32(x), y, axes, loss_mask)  # fp32 sums, as CUDA autocast's
         dc = (2 * tp + self.smooth) / (2 * tp + fp + fn + self.smooth + 1e-8)
         if not self.do_bg:
             dc = dc[1:] if self.batch_dice else dc[:, 1:]
@@ -96,11 +97,6 @@ class SoftDiceLoss(_ClassWeighted):
                 raise NotImplementedError("SoftDiceLoss weights need batch_dice=True and do_bg=False")
             dc = dc * self._weight_on(dc)[1:]  # foreground weights only
         return -dc.mean() if is_training else dc
-
-
-def _at_least_fp32(x):
-    """fp16/bf16 logits (autocast) upcast to fp32 for the CE; fp32/fp64 kept."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _safe_ratio(num, den):
@@ -123,7 +119,7 @@ class RobustCrossEntropyLoss(_ClassWeighted):
         if target.dim() == input.dim():
             assert target.shape[1] == 1, f"expected a [B, 1, ...] target, got {tuple(target.shape)}"
             target = target[:, 0]
-        target, logits = target.long(), _at_least_fp32(input)
+        target, logits = target.long(), at_least_fp32(input)
         if self.weight is None:
             return F.cross_entropy(logits, target)
         w = self._weight_on(logits)
@@ -172,7 +168,7 @@ class DC_and_CE_loss(nn.Module):
         elif mask is None:
             ce_loss = self.ce(net_output, target)
         else:
-            logits = _at_least_fp32(net_output)
+            logits = at_least_fp32(net_output)
             w = None if self.ce.weight is None else self.ce._weight_on(logits)
             nll = F.cross_entropy(logits, target[:, 0].long(), weight=w, reduction="none")  # w_t·nll per voxel
             ce_loss = _safe_ratio((nll * mask[:, 0]).sum(), mask.sum())
@@ -186,7 +182,7 @@ class WeightedCrossEntropyLoss(_ClassWeighted):
     def forward(self, input, target, weight_map=None):
         if target.dim() == input.dim():
             target = target[:, 0]
-        logits = _at_least_fp32(input)
+        logits = at_least_fp32(input)
         w = None if self.weight is None else self._weight_on(logits)
         loss = F.cross_entropy(logits, target.long(), weight=w, reduction="none")
         if weight_map is not None:
