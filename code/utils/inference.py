@@ -314,45 +314,50 @@ def prepare_scan(image, task):
     return prepare_image(stored_volume(image, task), task)
 
 
-def _axis_lerp(n_out, n_in, device):
-    """Linear interpolation along one axis from ``n_in`` grid voxels to ``n_out`` scan voxels: (lo, hi, w), scan
-    voxel j = (1 - w) grid[lo] + w grid[hi] at grid coordinate j * n_in / n_out. Grid voxel i sits on scan voxel
-    i * n_out / n_in, where the nearest-resized training labels (label[::2] in-plane for Synapse) and test.py's
-    header put it; scan voxels past the last grid voxel take its value."""
+def _lerp_z(prob, n_out, device):
+    """(lo, hi, w) of the linear interpolation along z from prob's d grid slices to ``n_out`` scan slices: scan
+    slice j = (1 - w) grid[lo] + w grid[hi] at grid coordinate j * d / n_out, clamped to the last grid slice."""
+    n_in = prob.shape[1]
     coord = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
     lo = coord.floor().clamp(max=n_in - 1)
     w = (coord - lo).clamp(0, 1)
     lo = lo.long()
-    hi = (lo + 1).clamp(max=n_in - 1)
-    return lo.to(device), hi.to(device), w.to(device=device, dtype=torch.float32)
+    return lo.to(device), (lo + 1).clamp(max=n_in - 1).to(device), w.to(device=device, dtype=torch.float32)
 
 
-def _lerp(x, dim, lo, hi, w):
-    """``x`` interpolated along ``dim`` by ``_axis_lerp``'s (lo, hi, w); exactly x[lo] where w = 0."""
-    shape = [1] * x.ndim
-    shape[dim] = len(lo)
-    a = x.index_select(dim, lo)
-    return a + (x.index_select(dim, hi) - a) * w.view(shape)
+def _inplane(part, size):
+    """Bilinear resize of (C, k, h, w) to (C, k, H, W) with scan voxel j at grid coordinate j * h / H: the last
+    grid row/column is repeated once and F.interpolate's align_corners=True maps H + 1 outputs onto those h + 1
+    inputs (coordinate j * h / H), of which the first H are kept."""
+    if tuple(part.shape[2:]) == tuple(size):
+        return part
+    padded = F.pad(part, (0, 1, 0, 1), mode="replicate")
+    out = F.interpolate(padded, size=(size[0] + 1, size[1] + 1), mode="bilinear", align_corners=True)
+    return out[:, :, :size[0], :size[1]]
 
 
 def resample_to_scan(prob, shape, keep_probabilities=False, chunk_bytes=1 << 28):
     """Class probabilities (C, d, h, w) on the inference grid -> (labels uint8 (D, H, W), probabilities float16
-    (C, D, H, W) or None) on the scan's grid ``shape``: trilinear interpolation of the probabilities (``_axis_lerp``
-    per axis), argmax on the scan's grid. Runs on ``prob``'s device in slabs of scan slices of about
-    ``chunk_bytes`` so a 148x512x512 scan never needs its full float32 probability volume at once."""
+    (C, D, H, W) or None) on the scan's grid ``shape``, argmax taken there.
+
+    Trilinear interpolation that puts grid voxel i on scan voxel i * N / n along each axis (N scan, n grid
+    voxels), where the nearest-resized training labels (``label[:, ::2, ::2]`` for Synapse) and test.py's header
+    put it: scan voxel j takes grid coordinate j * n / N, scan voxels past the last grid voxel take its value, and
+    where a grid voxel falls on a scan voxel the value is exactly the grid's. Runs on ``prob``'s device in slabs of
+    scan slices of about ``chunk_bytes``, so a 148x512x512 scan never needs its whole float32 volume at once."""
     shape = tuple(int(s) for s in shape)
     num_classes, device = prob.shape[0], prob.device
-    z_axis, y_axis, x_axis = (_axis_lerp(n_out, n_in, device) for n_out, n_in in zip(shape, prob.shape[1:]))
+    z_lo, z_hi, z_w = _lerp_z(prob, shape[0], device)
     labels = np.empty(shape, dtype=np.uint8)
     probs = np.empty((num_classes,) + shape, dtype=np.float16) if keep_probabilities else None
-    slab = max(1, chunk_bytes // (4 * num_classes * shape[1] * shape[2]))
+    slab = max(1, chunk_bytes // (4 * num_classes * (shape[1] + 1) * (shape[2] + 1)))
     for z0 in range(0, shape[0], slab):
         z = slice(z0, min(z0 + slab, shape[0]))
-        part = _lerp(prob, 1, *(t[z] for t in z_axis))
-        for dim, axis in ((2, y_axis), (3, x_axis)):
-            if part.shape[dim] != len(axis[0]):  # an axis of the same size is the identity
-                part = _lerp(part, dim, *axis)
-        labels[z] = part.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        part = prob.index_select(1, z_lo[z])
+        part = part + (prob.index_select(1, z_hi[z]) - part) * z_w[z].view(1, -1, 1, 1)  # exactly grid where w = 0
+        part = _inplane(part, shape[1:])
+        # torch.max's indices: the first maximum, as argmax, but 4x faster on the CPU (measured, 14 classes)
+        labels[z] = torch.max(part, dim=0).indices.to(torch.uint8).cpu().numpy()
         if probs is not None:
             probs[:, z] = part.to(torch.float16).cpu().numpy()
     return labels, probs
