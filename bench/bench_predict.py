@@ -9,11 +9,12 @@ in-plane). Then the median seconds of each stage of ``predict.segment`` side by 
     python bench/bench_predict.py [--shape 148 512 512] [--n_filters 8] [--reps 1] [--device cpu]
 
 Accuracy (``--phantom_exp RUN``, a trained phantom run, e.g. Task_phantom_20p/dhc/fold1 after ``make demo``): on the
-phantom's test cases (raw scans and labels of ``Datasets/Phantom``), mean organ Dice against the raw labels of
+phantom's test cases (raw scans and labels of ``Datasets/Phantom``), per-organ Dice against the raw labels of
 (a) predict.py's trilinear probabilities, argmax on the scan's grid; (b) the inference grid's labels resampled
 nearest-neighbour (each scan voxel takes the label of the nearest grid voxel, grid voxel i sitting on scan voxel
-i*N/G as in test.py's header: ITK's nearest onto the scan); (c) F.interpolate's nearest resize (floor(j*G/N)); (d) (a) with --tta; (e) trilinear with grid voxel i at the centre
-of the scan voxels it averages (F.interpolate's align_corners=False, the image's placement rather than the labels').
+i*N/G as in test.py's header: ITK's nearest onto the scan); (c) F.interpolate's nearest resize (floor(j*G/N));
+(d) (a) with --tta; (e) trilinear with grid voxel i at the centre of the scan voxels it averages (F.interpolate's
+align_corners=False: the image's placement rather than the labels').
 
     python bench/bench_predict.py --phantom_exp Task_phantom_20p/dhc/fold1 [--cps AB]
 """

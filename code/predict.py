@@ -262,8 +262,8 @@ def run(args):
         remove_stale_tmp(args.output)  # temporaries of killed runs
     distributed.barrier()
     log.info("%s x%d (%s) on %s, patch %s, speed %d%s: %d scan(s) -> %s", run_nets.spec["name"],
-             len(run_nets.nets), "+".join(map(str, run_nets.keys)), device, run_nets.patch_size, args.speed,
-             ", mirroring TTA" if args.tta else "", len(scans), args.output)
+             len(run_nets.nets), "+".join(k or "bare" for k in run_nets.keys), device, run_nets.patch_size,
+             args.speed, ", mirroring TTA" if args.tta else "", len(scans), args.output)
     failed, stopped = [], None
     try:
         segment_all(distributed.shard(scans), outputs, run_nets, task, args, device, strides, failed)
