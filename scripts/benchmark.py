@@ -187,10 +187,15 @@ def status(folds, jobs):
     return lines
 
 
-def run_fold(fold, log=print):
-    """Train (or resume) and test one fold; its output goes to <fold>/benchmark.log. Returns an error or None."""
+def run_fold(fold, log=print, wait=True):
+    """Train (or resume) and test one fold; its output goes to <fold>/benchmark.log. Returns an error or None.
+    A fold another process is training keeps this lane: ``wait`` until it ends, then test it (else give up)."""
     if fold.busy():
-        return "running in another process; left to it"
+        if not wait:
+            return "running in another process; left to it"
+        log(f"{datetime.now():%H:%M:%S} waiting: {fold.method} seed {fold.seed} is trained by another process")
+        while fold.busy():
+            time.sleep(20)
     os.makedirs(fold.folder, exist_ok=True)
     with open(os.path.join(fold.folder, "benchmark.log"), "a") as out:
         for step, cmd, needed in (("train", fold.train_cmd(), not fold.trained()),

@@ -95,7 +95,7 @@ def test_a_fold_locked_by_another_process_is_left_alone(bench):
     os.makedirs(fold.folder)
     with FolderLock(fold.folder):
         assert fold.busy()
-        assert bench.run_fold(fold, log=lambda s: None) == "running in another process; left to it"
+        assert bench.run_fold(fold, log=lambda s: None, wait=False) == "running in another process; left to it"
     assert not fold.busy()
 
 
