@@ -42,11 +42,11 @@ def test_rows_get_their_iterations_per_epoch(bench):
     assert got == {"dhc": 6, "adsh": 5, "fully": 1, "fully_all": 4}
     dhc, bound = bench.Fold("dhc", 0), bench.Fold("fully_all", 0)
     assert (dhc.max_epoch, dhc.eval_every, dhc.iterations) == (200, 10, 1206)
-    assert (bound.max_epoch, bound.eval_every) == (760, 38)
+    assert (bound.max_epoch, bound.eval_every) == (1500, 75)
     cmd = bound.train_cmd()
     assert cmd.count("-sl") == 1 and cmd[cmd.index("-sl") + 1] == "train"
     assert dhc.train_cmd()[dhc.train_cmd().index("-sl") + 1] == "labeled_20p"
-    assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "760"
+    assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "1500"
     assert bench.Fold("dhc_unetrpp", 0).train_cmd()[-3:] == ["32", "32", "32"]
 
 
