@@ -29,14 +29,19 @@ bench: setup
 	$(PY) bench/bench_metrics.py
 
 # The main job on the built-in phantom: three seeds of DHC at 20 % labels trained side by side (one thread each),
-# test, evaluate, print the table, draw
-# the figures (overlay of a test case, learning curves, per-class Dice bars) and name them.
+# test, evaluate, print the table, draw the figures (overlay of a test case, learning curves, per-class Dice bars),
+# then segment one raw phantom scan with predict.py (as a new scan would be) and draw it.
 P20 := logs/Task_phantom_20p
 demo: phantom clean-demo
 	@start=$$(date +%s); \
 	JOBS=3 PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash train3times_seeds_20p.sh -c 0 -t phantom -m dhc -e '' -l 3e-2 -w 0.1 && \
 	$(PY) code/make_table.py --exps $(P20)/dhc --out $(P20)/table && \
 	$(PY) code/plot_run.py --exp $(P20)/dhc --out $(P20)/figures && \
+	id=$$(head -n 1 phantom_data/splits/test.txt) && \
+	$(PY) code/predict.py -i Datasets/Phantom/imagesTr/img$$id.nii.gz -o $(P20)/dhc/predict --task phantom \
+	    --exp Task_phantom_20p/dhc/fold1 --cps AB --overwrite && \
+	$(PY) code/plot_run.py --scan Datasets/Phantom/imagesTr/img$$id.nii.gz --pred $(P20)/dhc/predict/img$$id.nii.gz \
+	    --label Datasets/Phantom/labelsTr/label$$id.nii.gz --task phantom --out $(P20)/figures && \
 	echo "DHC on the phantom: $$(grep "Final Avg Dice" $(P20)/dhc/evaluation_res.txt) (details: $(P20)/dhc/evaluation_res.txt);" \
 	     "training to figures took $$(( $$(date +%s) - start )) s"
 

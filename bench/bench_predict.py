@@ -26,15 +26,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "code"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import bench_inference  # noqa: E402
 import predict  # noqa: E402
 from data.transforms import resize_label  # noqa: E402
-from models import build_network  # noqa: E402
 from utils.checkpoint import RunNets, load_run_nets  # noqa: E402
 from utils.inference import (ALL_MIRRORS, STRIDES, prepare_net, prepare_scan, resample_to_scan,  # noqa: E402
                              sliding_window_scores)
@@ -44,18 +45,8 @@ from utils.task import get_task  # noqa: E402
 
 
 def make_nets(device, n_filters, num_classes):
-    nets = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        net = build_network("VNet", 1, num_classes, n_filters)
-        with torch.no_grad():  # non-trivial eval-mode statistics
-            for name, buf in net.named_buffers():
-                if name.endswith("running_mean"):
-                    buf.normal_(0, 0.1)
-                elif name.endswith("running_var"):
-                    buf.uniform_(0.5, 1.5)
-        nets.append(prepare_net(net, device))
-    return nets
+    """bench_inference's two VNets with non-trivial BatchNorm statistics, prepared for inference."""
+    return [prepare_net(net, device) for net in bench_inference.make_nets("cpu", n_filters, num_classes)]
 
 
 def synthetic_scan(shape, seed=0):

@@ -28,7 +28,8 @@ from data.dataset import load_npy
 from data.transforms import halve_inplane_label, prepare_label, resize_label
 from utils.geometry import Grid, align_label
 from utils.inference import raw_image_candidates
-from utils.io import ConfigError, DataError, cli_main, exp_dir, read_list, read_nifti, write_json, write_text
+from utils.io import (ConfigError, DataError, cli_main, exp_dir, read_list, read_nifti, read_nifti_header, write_json,
+                      write_text)
 from utils.metrics import BOTH_EMPTY_MODES, N_GT, N_PRED, class_stats, paper_values, standard_values
 from utils.task import get_task
 
@@ -123,14 +124,7 @@ def image_grid(task, case_id):
             raise DataError(f"{meta_path}: unreadable meta.json ({type(e).__name__}: {e})") from None
     for path in raw_image_candidates(task, case_id):
         if os.path.isfile(path):
-            import SimpleITK as sitk
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(path)
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError:
-                raise DataError(f"{path}: unreadable NIfTI header") from None
-            return Grid.of_image(reader), path
+            return Grid.of_image(read_nifti_header(path)), path
     return None, None
 
 

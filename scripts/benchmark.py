@@ -11,7 +11,6 @@ only (re)writes the evaluation, table and figures from what is finished.
 """
 import argparse
 import glob
-import json
 import math
 import os
 import re

@@ -6,7 +6,6 @@ and ``phantom_20p_organs.png`` (per-organ test Dice against the organ's voxel sh
 ``phantom_20p.md`` is the table with the protocol, the commands, the commits, seeds per row and timings around it,
 and the hand-written reading of ``phantom_20p_reading.md`` when that file exists.
 """
-import glob
 import os
 import re
 import subprocess
@@ -179,7 +178,7 @@ def write_report(methods, folds, out, env):
              f"{P.n_evals} validations per run; test by sliding window (A+B ensemble for pairs), "
              "evaluation with the paper's conventions (Dice x100, ASD in voxels).",
              "- One single-threaded process per fold, two folds side by side on the 2-core machine.",
-             f"- Command: `make benchmark` (or `METHODS=\"dhc cps\" SEEDS=\"0\" make benchmark`).", "",
+             "- Command: `make benchmark` (or `METHODS=\"dhc cps\" SEEDS=\"0\" make benchmark`).", "",
              "## Results (test cases, mean ± std over seeds)", "", table.rstrip(), "",
              "Rarest five organs (by voxel share): " + ", ".join(SYNAPSE_ORGANS[k] for k in rare) + ".", ""]
     lines += ["| method | seeds | rare-five mean Dice | iterations | s/it | training wall s per seed |",

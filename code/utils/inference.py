@@ -236,13 +236,8 @@ def _meta_geometry(path, stored_shape):
 
 
 def _raw_geometry(path):
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise DataError(f"{path}: unreadable NIfTI header") from None
+    from utils.io import read_nifti_header
+    reader = read_nifti_header(path)
     return reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), tuple(reversed(reader.GetSize()))
 
 

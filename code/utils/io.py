@@ -377,3 +377,16 @@ def cli_main(func):
             return code
         return 0 if code is None else code
     return wrapper
+
+
+def read_nifti_header(path):
+    """The SimpleITK reader of ``path`` with its header read (size, spacing, origin, direction), no voxels; an
+    unreadable header is one DataError naming the file."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise DataError(f"{path}: unreadable NIfTI header") from None
+    return reader
