@@ -82,7 +82,7 @@ def _tasks():
             data_dir=_env("phantom", "DATA", "./phantom_data"), patch_size=(16, 48, 48),
             class_names=SYNAPSE_ORGANS, raw_layout="synapse", inplane_halving=True, fixed_grid=None,
             early_stop_patience=100, label_ratios=(10, 20, 40),
-            epochs=MappingProxyType({2: 40, 5: 40, 10: 40, 20: 40, 40: 60}), n_filters=16, eval_every=5,
+            epochs=MappingProxyType({2: 35, 5: 35, 10: 35, 20: 35, 40: 55}), n_filters=16, eval_every=5,
             raw_shape=(32, 128, 128)),
     }
 
