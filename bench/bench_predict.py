@@ -13,7 +13,7 @@ phantom's test cases (raw scans and labels of ``Datasets/Phantom``), per-organ D
 (a) predict.py's trilinear probabilities, argmax on the scan's grid; (b) the inference grid's labels resampled
 nearest-neighbour (each scan voxel takes the label of the nearest grid voxel, grid voxel i sitting on scan voxel
 i*N/G as in test.py's header: ITK's nearest onto the scan); (c) F.interpolate's nearest resize (floor(j*G/N));
-(d) (a) with --tta; (e) trilinear with grid voxel i at the centre of the scan voxels it averages (F.interpolate's
+(d) (a) with --tta (the default axes H, W and all three); (e) trilinear with grid voxel i at the centre of the scan voxels it averages (F.interpolate's
 align_corners=False: the image's placement rather than the labels').
 
     python bench/bench_predict.py --phantom_exp Task_phantom_20p/dhc/fold1 [--cps AB]
@@ -37,7 +37,7 @@ import bench_inference  # noqa: E402
 import predict  # noqa: E402
 from data.transforms import resize_label  # noqa: E402
 from utils.checkpoint import RunNets, load_run_nets  # noqa: E402
-from utils.inference import (ALL_MIRRORS, STRIDES, prepare_net, prepare_scan, resample_to_scan,  # noqa: E402
+from utils.inference import (ALL_MIRRORS, STRIDES, TRAINED_MIRRORS, prepare_net, prepare_scan, resample_to_scan,  # noqa: E402
                              sliding_window_scores)
 from utils.io import read_list  # noqa: E402
 from utils.metrics import dice  # noqa: E402
@@ -144,11 +144,11 @@ def accuracy(args, device):
         gt = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(task.raw_dir, "labelsTr", f"label{case_id}.nii.gz")))
         grid = prepare_scan(raw, task)
         row = {}
-        for tta in (False, True):
+        for tta, axes in ((False, ()), (True, TRAINED_MIRRORS), (True, ALL_MIRRORS)):
             prob = sliding_window_scores(run_nets.nets, grid, run_nets.patch_size, sxy, sz, task.num_cls, 4, device,
-                                         False, ALL_MIRRORS if tta else ())
-            row["trilinear" + (" + tta" if tta else "")] = organ_dice(resample_to_scan(prob, raw.shape)[0], gt,
-                                                                      task.num_cls)
+                                         False, axes)
+            name = "trilinear" + (f" + tta {''.join('DHW'[a] for a in axes)}" if tta else "")
+            row[name] = organ_dice(resample_to_scan(prob, raw.shape)[0], gt, task.num_cls)
             if not tta:
                 centres = F.interpolate(prob[None], size=raw.shape, mode="trilinear", align_corners=False)[0]
                 row["trilinear (centres)"] = organ_dice(centres.argmax(0).cpu().numpy(), gt, task.num_cls)

@@ -31,7 +31,7 @@ from data.preprocess_common import nonfinite_counts
 from utils import distributed
 from utils.checkpoint import load_released_nets, load_run_nets
 from utils.device import resolve_device
-from utils.inference import (ALL_MIRRORS, STRIDES, Geometry, prepare_scan, resample_to_scan, sliding_window_scores,
+from utils.inference import (STRIDES, TRAINED_MIRRORS, Geometry, prepare_scan, resample_to_scan, sliding_window_scores,
                              strides_for, write_label_map)
 from utils.io import (ConfigError, DataError, atomic_path, cli_main, is_out_of_memory, read_nifti,
                       remove_stale_tmp, write_bytes)
@@ -67,7 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="fp16 autocast (default: on for CUDA, off on CPU)")
     p.add_argument("--tta", action="store_true",
-                   help="mirroring test-time augmentation: logits averaged over the 8 flips of the axes (8x time)")
+                   help="mirroring test-time augmentation: logits averaged over every flip of --tta_axes")
+    p.add_argument("--tta_axes", type=int, nargs="+", default=list(TRAINED_MIRRORS), choices=(0, 1, 2),
+                   metavar="AXIS", help="axes of the (D, H, W) grid mirrored by --tta (default 1 2: the two axes "
+                                        "training flips, 4 passes; 0 1 2: 8 passes, also the slice axis)")
     p.add_argument("--save_probabilities", action="store_true",
                    help="also write OUT/<name>.npz: 'probabilities' float16 (C, D, H, W) on the scan's grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
@@ -204,7 +207,7 @@ def segment(scan, outputs, run_nets, task, args, device, strides):
     loaded = time.perf_counter()
     try:
         prob = sliding_window_scores(run_nets.nets, grid, run_nets.patch_size, *strides, task.num_cls,
-                                     args.sw_batch_size, device, args.amp, ALL_MIRRORS if args.tta else ())
+                                     args.sw_batch_size, device, args.amp, args.tta_axes if args.tta else ())
         _sync(device)
         windows = time.perf_counter()
         labels, probs = resample_to_scan(prob, raw.shape, keep_probabilities=args.save_probabilities)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # test.py --speed -> (stride_xy, stride_z) in voxels
 STRIDES = {0: (32, 16), 1: (64, 16), 2: (128, 32)}
-ALL_MIRRORS = (0, 1, 2)  # --tta: every flip of the D, H and W axes (8 passes)
+ALL_MIRRORS = (0, 1, 2)  # every flip of the D, H and W axes (8 passes)
+TRAINED_MIRRORS = (1, 2)  # --tta default: the axes training flips (H and W, data/transforms.py), 4 passes
 
 
 def strides_for(speed, patch_size):
