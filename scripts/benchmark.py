@@ -43,7 +43,6 @@ def env():
 
 
 ENV = env()
-os.environ.update(ENV)  # get_task reads the DHC_PHANTOM_* overrides when called
 from utils.task import get_task  # noqa: E402
 PHANTOM = get_task("phantom")
 EXP_ROOT = os.path.join(ENV["DHC_LOG_ROOT"], f"Task_phantom_{P.label_ratio}p")
