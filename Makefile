@@ -32,16 +32,18 @@ bench: setup
 # test, evaluate, print the table, draw the figures (overlay of a test case, learning curves, per-class Dice bars),
 # then segment one raw phantom scan with predict.py (as a new scan would be) and draw it.
 P20 := logs/Task_phantom_20p
+PHANTOM_RAW  := $(or $(DHC_PHANTOM_RAW),Datasets/Phantom)
+PHANTOM_DATA := $(or $(DHC_PHANTOM_DATA),phantom_data)
 demo: phantom clean-demo
 	@start=$$(date +%s); \
 	JOBS=3 PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash train3times_seeds_20p.sh -c 0 -t phantom -m dhc -e '' -l 3e-2 -w 0.1 && \
 	$(PY) code/make_table.py --exps $(P20)/dhc --out $(P20)/table && \
 	$(PY) code/plot_run.py --exp $(P20)/dhc --out $(P20)/figures && \
-	id=$$(head -n 1 phantom_data/splits/test.txt) && \
-	$(PY) code/predict.py -i Datasets/Phantom/imagesTr/img$$id.nii.gz -o $(P20)/dhc/predict --task phantom \
+	id=$$(head -n 1 $(PHANTOM_DATA)/splits/test.txt) && \
+	$(PY) code/predict.py -i $(PHANTOM_RAW)/imagesTr/img$$id.nii.gz -o $(P20)/dhc/predict --task phantom \
 	    --exp Task_phantom_20p/dhc/fold1 --cps AB --overwrite && \
-	$(PY) code/plot_run.py --scan Datasets/Phantom/imagesTr/img$$id.nii.gz --pred $(P20)/dhc/predict/img$$id.nii.gz \
-	    --label Datasets/Phantom/labelsTr/label$$id.nii.gz --task phantom --out $(P20)/figures && \
+	$(PY) code/plot_run.py --scan $(PHANTOM_RAW)/imagesTr/img$$id.nii.gz --pred $(P20)/dhc/predict/img$$id.nii.gz \
+	    --label $(PHANTOM_RAW)/labelsTr/label$$id.nii.gz --task phantom --out $(P20)/figures && \
 	echo "DHC on the phantom: $$(grep "Final Avg Dice" $(P20)/dhc/evaluation_res.txt) (details: $(P20)/dhc/evaluation_res.txt);" \
 	     "training to figures took $$(( $$(date +%s) - start )) s"
 

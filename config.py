@@ -105,11 +105,11 @@ class BenchmarkProtocol:
 
     The phantom is the phantom task's (``raw_shape`` 32 x 128 x 128, halved in-plane to 32 x 64 x 64 at load time,
     ~6 mm pixels, ~9 mm slices): a 16 x 48 x 48 crop then holds most of the abdomen's cross-section, so every
-    iteration sees most organs, while the class imbalance stays (liver : adrenal > 200 : 1). Every method trains for ``iterations``;
-    the upper bound ``fully_all`` (one VNet on every training case, unweighted loss) for ``bound_iterations``, as
-    the original trains its fully supervised VNet for longer (1000 epochs of 5 iterations on Synapse, against 300
-    epochs of 8 for the semi-supervised runs): at 3,000 the unweighted VNet was still learning organs one by one
-    (docs/benchmark/phantom_20p.md). Runs validate ``n_evals`` times."""
+    iteration sees most organs, while the class imbalance stays (liver : adrenal > 200 : 1). Every method trains
+    for ``iterations``; the upper bound ``fully_all`` (one VNet on every training case, unweighted loss) for
+    ``bound_iterations``, as the original trains its fully supervised VNet for longer (1000 epochs of 5
+    iterations on Synapse, against 300 epochs of 8 for the semi-supervised runs): at 3,000 the unweighted VNet was
+    still learning organs one by one (docs/benchmark/phantom_20p.md). Runs validate ``n_evals`` times."""
     name: str = "phantom_20p"
     n_cases: int = 20
     label_ratio: int = 20

@@ -45,7 +45,6 @@ def env():
 ENV = env()
 from utils.task import get_task  # noqa: E402
 PHANTOM = get_task("phantom")
-EXP_ROOT = os.path.join(ENV["DHC_LOG_ROOT"], f"Task_phantom_{P.label_ratio}p")
 
 
 def split_size(name):

@@ -168,7 +168,7 @@ def write_report(methods, folds, out, env):
              "Written by `make benchmark` (scripts/benchmark.py, scripts/benchmark_report.py, code/make_table.py) "
              "from the runs under `" + env["DHC_LOG_ROOT"] + "`; runs on commit(s) " +
              (", ".join(f"`{c}`" for c in commits(folds)) or "n/a") + ".", "",
-             "## Protocol (config.BENCHMARK)", "",
+             "## Protocol", "", "`config.BENCHMARK`:", "",
              f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, get_task('phantom').raw_shape))} grid "
              f"(`code/data/phantom.py --shape`), halved in-plane at load time; splits train 13 / eval 3 / test 4, "
              f"{P.label_ratio} % labels = 2 labeled + 11 unlabeled cases.",
