@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 from data import phantom
 from data.phantom import class_voxel_fractions, make_case, write_dataset
@@ -66,8 +67,19 @@ def test_full_case_intensities(full_case):
     vessels = min(mean["aorta"], mean["ivc"], mean["veins"])
     assert vessels > mean["liver"] > max(mean["pancreas"], mean["adrenal_r"], mean["adrenal_l"])
     assert mean["gallbladder"] < 30
-    assert 25 < mean["adrenal_r"] < 75 and 25 < mean["esophagus"] < 75  # soft-tissue like their surroundings
+    assert 25 < mean["adrenal_r"] < 75 and 25 < mean["esophagus"] < 75  # soft-tissue HU, like crus and heart
     assert image.max() > 400  # bone
+
+
+def test_thin_organs_stand_out_from_the_fat_around_them(full_case):
+    """Adrenals in periadrenal fat, the esophagus in its fat sleeve (phantom version 2): the unlabeled voxels
+    within two in-plane voxels of each are fat-dark, and the organ is brighter than that ring."""
+    image, label, _ = full_case
+    for organ in ("esophagus", "adrenal_r", "adrenal_l"):
+        mask = label == SYN[organ]
+        ring = ndimage.binary_dilation(mask, structure=np.ones((1, 3, 3), bool), iterations=2) & (label == 0)
+        organ_hu, ring_hu = image[mask].mean(), image[ring].mean()
+        assert ring_hu < -30 and organ_hu - ring_hu > 50, (organ, organ_hu, ring_hu)
 
 
 def test_orientation_documented_in_module(full_case):
@@ -152,7 +164,6 @@ def test_cli_as_script_writes_and_summarises(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "1 of 1 cases written" in run.stdout and "adrenal_l" in run.stdout
     assert os.path.isfile(tmp_path / "imagesTr" / "img0001.nii.gz")
-    import SimpleITK as sitk
     from config import get_task
     size = sitk.ReadImage(str(tmp_path / "imagesTr" / "img0001.nii.gz")).GetSize()
     assert size[::-1] == get_task("phantom").raw_shape == (32, 128, 128)

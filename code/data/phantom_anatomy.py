@@ -27,7 +27,7 @@ from utils.io import ConfigError
 from utils.task import get_task
 
 LAYOUTS = ("synapse", "amos")
-_VERSION = 1               # bump when the anatomy changes, so old folders are not taken as current
+_VERSION = 2               # bump when the anatomy changes, so old folders are not taken as current
 _A, _B = 170.0, 120.0      # reference body semi-axes (mm, left-right / antero-posterior)
 
 
@@ -334,20 +334,28 @@ def _paint_great_vessels(cv, rng, hu):
 
 
 def _paint_esophagus(cv, rng, hu):
+    """A muscular tube from the posterior mediastinum through the hiatus to the cardia, in a sleeve of fat.
+
+    The sleeve (periesophageal fat, ~4 mm) is what sets it off from the heart behind which it runs: its own HU
+    (40-60) is the heart's and the crus's, so without it the tube is invisible on the halved training grid."""
     j, s = _jit(rng, 2.0), rng.uniform(0.9, 1.1)
     tk, r = [-300, 0, 25, 42], np.array([9, 9, 9, 7]) * s
     box = cv.box((-30, 70), (-40, 20), (-300, 45))
     if box is not None:
         t, x, y, _ = cv.coords(box)
-        q = _ztube(t, x, y, tk, np.array([0, 6, 22, 38]) + j[0], np.array([-4, -12, -16, -12]) + j[1], r, r)
-        cv.paint(box, q <= 1, hu["esophagus"], "esophagus")
+        cx, cy = np.array([0, 6, 22, 38]) + j[0], np.array([-4, -12, -16, -12]) + j[1]
+        sleeve = _ztube(t, x, y, tk, cx, cy, r + 4.0, r + 4.0) <= 1
+        cv.paint(box, sleeve & (cv.label[box] == 0), hu["fat"], "bg")
+        cv.paint(box, _ztube(t, x, y, tk, cx, cy, r, r) <= 1, hu["esophagus"], "esophagus")
 
 
 def _paint_adrenals(cv, rng, hu):
     """Thin inverted-Y plates: two limbs (2.75 mm half-thickness) from an anterior apex, tapering in t.
 
-    They lie in a patch of soft tissue (crus, vessels, unopacified bowel in real scans) of nearly their own
-    HU, so that, as on real CT, they are found mostly by shape and position."""
+    As on real CT they lie in periadrenal fat (inside the renal fascia), beside the crus of the diaphragm
+    (muscle of nearly their own HU), so a thin soft-tissue streak against fat is all that shows them. (Phantom
+    version 1 set them in a patch of soft tissue of their own HU: invisible, on the halved training grid,
+    to every network but one weighted towards them; docs/benchmark/phantom_20p.md.)"""
     for name, apex, ends, ct in (("adrenal_r", [-36, 16], [[-30, 40], [-50, 36]], 92.0),
                                  ("adrenal_l", [40, 12], [[34, 36], [54, 32]], 102.0)):
         j, s = _jit(rng, 2.5, 4.0), rng.uniform(0.9, 1.2)
@@ -357,7 +365,8 @@ def _paint_adrenals(cv, rng, hu):
             continue
         t, x, y, _ = cv.coords(box)
         patch = ((x - apex[0] + np.sign(apex[0]) * 8) ** 2 + (y - apex[1] - 10) ** 2) / 16.0 ** 2
-        cv.paint(box, (patch + ((t - ct) / 26.0) ** 2 <= 1) & (cv.label[box] == 0), hu["soft"], "bg")
+        free = (cv.label[box] == 0) & (cv.hu[box] != hu["muscle"])  # keep the crus
+        cv.paint(box, (patch + ((t - ct) / 26.0) ** 2 <= 1) & free, hu["fat"], "bg")
         taper = np.sqrt(np.clip(1 - ((t - ct) / (20 * s)) ** 2, 0, 1))
         mask = np.zeros(np.broadcast_shapes(t.shape, x.shape), bool)
         for end in ends:
