@@ -199,6 +199,27 @@ def test_existing_splits_and_npy_kept_unless_force(tmp_path):
     assert {n: read_splits(out)[n] for n in custom} == fresh != custom
 
 
+def test_case_whose_source_changed_is_converted_again(tmp_path):
+    """A kept case whose NIfTI was rewritten after its npy (a regenerated phantom, a corrected label) is stale:
+    converted again, the others kept, and the summary says which file and why."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    make_synapse(raw, ids_of(6))
+    preprocess("synapse", raw_dir=str(raw), out_dir=str(out), ratios=[40], progress=False)
+    corrected = np.full((2, 4, 4), 3, np.uint8)
+    label_path = synapse_paths(raw, "0002")[1]
+    write_nifti(label_path, corrected)
+    earlier = os.path.getmtime(label_path) - 100  # times apart, not within one second: image < npy < label
+    os.utime(synapse_paths(raw, "0002")[0], (earlier, earlier))
+    for kind in ("image.npy", "label.npy", "meta.json"):
+        os.utime(out / "npy" / f"0002_{kind}", (earlier + 10, earlier + 10))
+    summary = preprocess("synapse", raw_dir=str(raw), out_dir=str(out), ratios=[40], progress=False)
+    assert summary["converted"] == ["0002"] and summary["skipped"] == ["0001", *ids_of(6)[2:]]
+    np.testing.assert_array_equal(np.load(out / "npy" / "0002_label.npy"), corrected)
+    assert f"converted again: {label_path}: newer than its preprocessed copy" in format_summary(summary)
+    again = preprocess("synapse", raw_dir=str(raw), out_dir=str(out), ratios=[40], progress=False)
+    assert again["converted"] == []  # the new copy is newer than its source: kept from now on
+
+
 def test_existing_test_list_alone_is_kept(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "out"
     make_synapse(raw, ids_of(8))

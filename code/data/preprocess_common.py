@@ -310,11 +310,21 @@ def kept_problem(files):
     return None
 
 
+def source_newer(case, files):
+    """Why a kept case is out of date, or None: its source image or label was written after its npy files (a
+    rewritten phantom, a corrected label), as make would judge it."""
+    kept = min(os.path.getmtime(f) for f in files.values())
+    for source in (case.image, case.label):
+        if os.path.getmtime(source) > kept:
+            return f"{source}: newer than its preprocessed copy"
+    return None
+
+
 def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, ratios, force, progress):
     """Convert ``cases`` with ``convert(case) -> (image, label, meta)`` and write npy + splits into ``out_dir``.
 
-    Cases whose three files already exist and pass ``kept_problem`` are skipped unless ``force``; damaged ones are
-    converted again; nothing is written if anything fails."""
+    Cases whose three files already exist, pass ``kept_problem`` and are newer than their sources are skipped
+    unless ``force``; damaged or outdated ones are converted again; nothing is written if anything fails."""
     seed = task.split_seed if seed is None else seed
     ratios = sorted(set(task.label_ratios if ratios is None else ratios))
     if seed < 0:
@@ -331,7 +341,7 @@ def run_preprocessing(task, cases, convert, make_base, raw_dir, out_dir, seed, r
         files = npy_files(npy_dir, c.id)
         if force or not all(map(os.path.isfile, files.values())):
             todo.append(c)
-        elif (problem := kept_problem(files)) is not None:
+        elif (problem := kept_problem(files) or source_newer(c, files)) is not None:
             damaged[c.id] = problem
             todo.append(c)
     notes = {}
@@ -384,7 +394,7 @@ def format_summary(s):
     if s["splits_kept"]:
         lines.append(f"existing splits kept (--force regenerates): {counts(s['splits_kept'])}")
     for problem in s.get("damaged", {}).values():
-        lines.append(f"damaged, converted again: {problem}")
+        lines.append(f"converted again: {problem}")
     for note in s.get("label_notes", {}).values():
         lines.append(f"note: {note}")
     if s["unsplit"]:
