@@ -365,7 +365,7 @@ def _paint_adrenals(cv, rng, hu):
             continue
         t, x, y, _ = cv.coords(box)
         patch = ((x - apex[0] + np.sign(apex[0]) * 8) ** 2 + (y - apex[1] - 10) ** 2) / 16.0 ** 2
-        free = (cv.label[box] == 0) & (cv.hu[box] != hu["muscle"])  # keep the crus
+        free = (cv.label[box] == 0) & (cv.hu[box] != np.float32(hu["muscle"]))  # keep the crus (painted muscle)
         cv.paint(box, (patch + ((t - ct) / 26.0) ** 2 <= 1) & free, hu["fat"], "bg")
         taper = np.sqrt(np.clip(1 - ((t - ct) / (20 * s)) ** 2, 0, 1))
         mask = np.zeros(np.broadcast_shapes(t.shape, x.shape), bool)
