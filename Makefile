@@ -51,7 +51,7 @@ demo: phantom clean-demo
 # (fully: labeled-only VNet; fully_all: VNet on every training case) under config.BENCHMARK, JOBS single-threaded
 # folds side by side (default 2), then evaluation, table and figures. Hours on a 2-core CPU; rerun to continue
 # (finished folds kept, interrupted ones resumed). METHODS="dhc cps" and SEEDS="0" pick a subset.
-benchmark: phantom
+benchmark: setup
 	$(PY) scripts/benchmark.py $(if $(METHODS),--methods $(METHODS)) $(if $(SEEDS),--seeds $(SEEDS)) \
 	  --jobs $(or $(JOBS),2)
 compare: benchmark

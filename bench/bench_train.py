@@ -3,7 +3,7 @@ losses, backward, optimiser steps, method updates), side by side with DHC, plus 
 class statistics kept on the device (torch.bincount) versus a numpy round trip.
 
 Each method runs in its own process, so its peak memory is its own. CPU: a tiny size (F = 4, 16x32x32) and the
-phantom benchmark's size (F = 16, 16x48x48, config.BENCHMARK), then, for DHC and the fully supervised VNet at that
+phantom benchmark's size (F = 16, 16x64x64, config.BENCHMARK), then, for DHC and the fully supervised VNet at that
 size, two single-threaded processes side by side against one process on two threads (training throughput: what
 ``make benchmark`` and ``make demo`` rely on). CUDA (when present): the paper size, 32 filters on 64x128x128
 patches, AMP. Usage: python bench/bench_train.py [--iters 5] [--methods dhc cps ...]
@@ -31,7 +31,7 @@ from utils.runinfo import build_parser, resolve_config  # noqa: E402
 
 
 # Networks that cannot take the CPU rows' patches: the nearest patch they accept (UNETR++ needs multiples of 32).
-PATCH_OVERRIDES = {"dhc_unetrpp": {(16, 32, 32): (32, 32, 32), (16, 48, 48): (32, 32, 32)}}
+PATCH_OVERRIDES = {"dhc_unetrpp": {(16, 32, 32): (32, 32, 32), (16, 64, 64): (32, 32, 32)}}
 
 
 def all_methods():

@@ -35,11 +35,13 @@ def all_methods():
 
 
 def env():
-    """Children see the benchmark's phantom and log folders (each overridable by the usual variables)."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-             PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "code"), ROOT]))
-    e.setdefault("DHC_LOG_ROOT", P.log_root)
-    return e
+    """The benchmark's phantom and log folders (each overridable by the usual variables), set in this process too
+    (its ``get_task("phantom")``) and passed to the children with one thread each."""
+    for name, default in (("DHC_PHANTOM_RAW", P.raw_dir), ("DHC_PHANTOM_DATA", P.data_dir),
+                          ("DHC_LOG_ROOT", P.log_root)):
+        os.environ.setdefault(name, os.path.join(ROOT, default))
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "code"), ROOT]))
 
 
 ENV = env()
@@ -66,8 +68,10 @@ def method_info(method):
                    "train" if method == "fully_all" else "labeled_%dp" % P.label_ratio)
     per_epoch = n // batch if cls.drop_last else math.ceil(n / batch)
     labeled = "train" if method == "fully_all" else f"labeled_{P.label_ratio}p"
-    patch = P.unetrpp_patch_size if method == "dhc_unetrpp" else P.patch_size
-    extra = ["-sl", labeled, "-su", f"unlabeled_{P.label_ratio}p", "--patch_size", *map(str, patch)]
+    unetrpp = method == "dhc_unetrpp"
+    extra = ["-sl", labeled, "-su", f"unlabeled_{P.label_ratio}p", "--base_lr",
+             str(P.unetrpp_base_lr if unetrpp else P.base_lr), "--patch_size",
+             *map(str, P.unetrpp_patch_size if unetrpp else P.patch_size)]
     return script, per_epoch, P.bound_iterations if method == "fully_all" else P.iterations, extra
 
 
@@ -107,7 +111,7 @@ class Fold:
     def train_cmd(self):
         cmd = [sys.executable, os.path.join(ROOT, "code", f"train_{self.script}.py"), "--task", "phantom",
                "--exp", self.exp, "--seed", str(self.seed), "-g", "0", "--device", "cpu",
-               "--base_lr", str(P.base_lr), "-w", str(P.cps_w), "-r",
+               "-w", str(P.cps_w), "-r",
                "--n_filters", str(P.n_filters), "-ep", str(self.max_epoch), "--eval_every", str(self.eval_every),
                *self.extra]
         if os.path.isfile(os.path.join(self.folder, "ckpts", "last.pth")):
@@ -210,9 +214,9 @@ def run_fold(fold, log=print, wait=True):
 
 
 def ensure_data():
-    """Write the phantom task's phantom and preprocess it (both skip what is already complete)."""
+    """Write the benchmark's phantom and preprocess it (both skip what is already complete)."""
     py = sys.executable
-    for cmd in ([py, "code/data/phantom.py", "--cases", str(P.n_cases)],
+    for cmd in ([py, "code/data/phantom.py", "--cases", str(P.n_cases), "--shape", *map(str, P.raw_shape)],
                 [py, "code/data/preprocess.py", "--task", "phantom"]):
         subprocess.run(cmd, check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL)
 

@@ -143,6 +143,12 @@ def commits(folds):
     return sorted(found)
 
 
+def shown_path(path):
+    """``path`` relative to the repository when it lies inside it (the page names no machine's folders)."""
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if rel.startswith("..") else rel
+
+
 def write_report(methods, folds, out, env):
     import json
     from utils.task import get_task
@@ -166,14 +172,15 @@ def write_report(methods, folds, out, env):
     rare = np.argsort(shares)[:5]
     lines = [f"# Phantom benchmark, {P.label_ratio} % labels: every method under one protocol", "",
              "Written by `make benchmark` (scripts/benchmark.py, scripts/benchmark_report.py, code/make_table.py) "
-             "from the runs under `" + env["DHC_LOG_ROOT"] + "`; runs on commit(s) " +
+             "from the runs under `" + shown_path(env["DHC_LOG_ROOT"]) + "`; runs on commit(s) " +
              (", ".join(f"`{c}`" for c in commits(folds)) or "n/a") + ".", "",
              "## Protocol", "", "`config.BENCHMARK`:", "",
-             f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, get_task('phantom').raw_shape))} grid "
+             f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, P.raw_shape))} grid "
              f"(`code/data/phantom.py --shape`), halved in-plane at load time; splits train 13 / eval 3 / test 4, "
              f"{P.label_ratio} % labels = 2 labeled + 11 unlabeled cases.",
              f"- Every method: `-l {P.base_lr:g} -w {P.cps_w:g} -r`, VNet width {P.n_filters}, patch "
-             f"{'x'.join(map(str, P.patch_size))} (UNETR++: {'x'.join(map(str, P.unetrpp_patch_size))}), about "
+             f"{'x'.join(map(str, P.patch_size))} (UNETR++: {'x'.join(map(str, P.unetrpp_patch_size))} at "
+             f"`-l {P.unetrpp_base_lr:g}`), about "
              f"{P.iterations} iterations; the upper bound `fully_all` about {P.bound_iterations}; "
              f"{P.n_evals} validations per run; test by sliding window (A+B ensemble for pairs), "
              "evaluation with the paper's conventions (Dice x100, ASD in voxels).",

@@ -20,6 +20,7 @@ def bench(tmp_path, monkeypatch):
     for name, part in (("train", ids[:13]), ("labeled_20p", ids[:2]), ("unlabeled_20p", ids[2:13]),
                        ("eval", ids[13:16]), ("test", ids[16:])):
         write_list(splits / f"{name}.txt", part)
+    monkeypatch.setenv("DHC_PHANTOM_RAW", str(tmp_path / "raw"))  # set here so that teardown restores them
     monkeypatch.setenv("DHC_PHANTOM_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path / "logs"))
     import benchmark
@@ -47,7 +48,27 @@ def test_rows_get_their_iterations_per_epoch(bench):
     assert cmd.count("-sl") == 1 and cmd[cmd.index("-sl") + 1] == "train"
     assert dhc.train_cmd()[dhc.train_cmd().index("-sl") + 1] == "labeled_20p"
     assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "1500"
-    assert bench.Fold("dhc_unetrpp", 0).train_cmd()[-3:] == ["32", "32", "32"]
+    unetrpp = bench.Fold("dhc_unetrpp", 0).train_cmd()
+    assert unetrpp[-3:] == ["32", "32", "32"] and unetrpp[unetrpp.index("--base_lr") + 1] == "0.01"
+    assert cmd.count("--base_lr") == 1 and cmd[cmd.index("--base_lr") + 1] == "0.03"
+
+
+def test_the_benchmark_has_its_own_phantom(monkeypatch):
+    """Without overrides the runner and its children use config.BENCHMARK's folders under the repository (a
+    finer grid than the demo's phantom), and its data step writes that grid."""
+    for name in ("DHC_PHANTOM_RAW", "DHC_PHANTOM_DATA", "DHC_LOG_ROOT"):
+        monkeypatch.setenv(name, "")  # registered, so that teardown restores what was there,
+        monkeypatch.delenv(name)      # then unset for the import
+    import benchmark
+    bench = importlib.reload(benchmark)
+    from config import BENCHMARK
+    assert bench.ENV["DHC_PHANTOM_RAW"] == os.path.join(REPO, BENCHMARK.raw_dir)
+    assert bench.ENV["DHC_PHANTOM_DATA"] == bench.PHANTOM.data_dir == os.path.join(REPO, BENCHMARK.data_dir)
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append((cmd, kw["env"])))
+    bench.ensure_data()
+    assert calls[0][0][-4:] == ["--shape", *map(str, BENCHMARK.raw_shape)]
+    assert all(env["DHC_PHANTOM_DATA"] == bench.ENV["DHC_PHANTOM_DATA"] for _, env in calls)
 
 
 def test_plan_runs_first_seeds_then_the_key_rows(bench):

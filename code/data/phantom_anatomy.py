@@ -27,7 +27,10 @@ from utils.io import ConfigError
 from utils.task import get_task
 
 LAYOUTS = ("synapse", "amos")
-_VERSION = 2               # bump when the anatomy changes, so old folders are not taken as current
+_VERSION = 3               # bump when the anatomy changes, so old folders are not taken as current
+_ADRENAL_HALF_MM = 3.75    # half-thickness of an adrenal limb (7.5 mm limbs; version 2: 2.75)
+_ADRENAL_FAT_MM = 5.0      # periadrenal fat all round each limb (version 2: only where nothing else lay)
+_ESOPHAGUS_FAT_MM = 6.0    # periesophageal fat sleeve (version 2: 4 mm)
 _A, _B = 170.0, 120.0      # reference body semi-axes (mm, left-right / antero-posterior)
 
 
@@ -344,18 +347,20 @@ def _paint_esophagus(cv, rng, hu):
     if box is not None:
         t, x, y, _ = cv.coords(box)
         cx, cy = np.array([0, 6, 22, 38]) + j[0], np.array([-4, -12, -16, -12]) + j[1]
-        sleeve = _ztube(t, x, y, tk, cx, cy, r + 4.0, r + 4.0) <= 1
+        sleeve = _ztube(t, x, y, tk, cx, cy, r + _ESOPHAGUS_FAT_MM, r + _ESOPHAGUS_FAT_MM) <= 1
         cv.paint(box, sleeve & (cv.label[box] == 0), hu["fat"], "bg")
         cv.paint(box, _ztube(t, x, y, tk, cx, cy, r, r) <= 1, hu["esophagus"], "esophagus")
 
 
 def _paint_adrenals(cv, rng, hu):
-    """Thin inverted-Y plates: two limbs (2.75 mm half-thickness) from an anterior apex, tapering in t.
+    """Thin inverted-Y plates: two limbs (``_ADRENAL_HALF_MM`` half-thickness) from an anterior apex, tapering in t.
 
-    As on real CT they lie in periadrenal fat (inside the renal fascia), beside the crus of the diaphragm
-    (muscle of nearly their own HU), so a thin soft-tissue streak against fat is all that shows them. (Phantom
-    version 1 set them in a patch of soft tissue of their own HU: invisible, on the halved training grid,
-    to every network but one weighted towards them; docs/benchmark/phantom_20p.md.)"""
+    As on real CT they lie in periadrenal fat (inside the renal fascia) beside the crus of the diaphragm (muscle of
+    nearly their own HU), so a thin soft-tissue streak against fat is all that shows them. Version 3 gives each
+    limb a 5 mm fat plane all round, against the liver and the crus too, and 7.5 mm limbs (5.5 mm in version 2):
+    version 2's right adrenal touched the liver on most of its outline and both were thinner than a voxel of the
+    halved grid, so no unweighted VNet learned them, even one trained on every case (docs/benchmark/phantom_20p.md).
+    Version 1 set them in soft tissue of their own HU."""
     for name, apex, ends, ct in (("adrenal_r", [-36, 16], [[-30, 40], [-50, 36]], 92.0),
                                  ("adrenal_l", [40, 12], [[34, 36], [54, 32]], 102.0)):
         j, s = _jit(rng, 2.5, 4.0), rng.uniform(0.9, 1.2)
@@ -369,9 +374,14 @@ def _paint_adrenals(cv, rng, hu):
         cv.paint(box, (patch + ((t - ct) / 26.0) ** 2 <= 1) & free, hu["fat"], "bg")
         taper = np.sqrt(np.clip(1 - ((t - ct) / (20 * s)) ** 2, 0, 1))
         mask = np.zeros(np.broadcast_shapes(t.shape, x.shape), bool)
+        envelope = mask.copy()
         for end in ends:
             tip = apex + (end - apex) * s * taper[..., None]  # limbs shorten towards the top and bottom
-            mask |= (_segment_dist2(x, y, apex, tip) <= (2.75 * taper) ** 2) & (taper > 0.2)
+            dist2 = _segment_dist2(x, y, apex, tip)
+            mask |= (dist2 <= (_ADRENAL_HALF_MM * taper) ** 2) & (taper > 0.2)
+            envelope |= (dist2 <= (_ADRENAL_HALF_MM * taper + _ADRENAL_FAT_MM) ** 2) & (taper > 0.1)
+        # a fat plane all round, against the liver and the crus too (the patch above leaves those alone)
+        cv.paint(box, envelope & np.isin(cv.label[box], (0, cv.ids["liver"])), hu["fat"], "bg")
         cv.paint(box, mask, hu["adrenal"], name)
 
 
