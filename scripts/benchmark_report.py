@@ -51,6 +51,21 @@ def validation_curve(fold):
     return it, np.array([points[i] for i in it])
 
 
+def mean_curve(folds):
+    """Validation curve averaged over folds (truncated to the shortest); None when no fold has validated yet."""
+    curves = [c for c in map(validation_curve, folds) if len(c[0])]
+    if not curves:
+        return None
+    n = min(len(c[0]) for c in curves)
+    return curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), len(curves)
+
+
+def last_quarter(it, dice):
+    """(min, max) validation Dice over the last quarter of the iterations: how flat the curve ended."""
+    keep = it >= 0.75 * it[-1]
+    return float(dice[keep].min()), float(dice[keep].max())
+
+
 def fold_wall_seconds(fold):
     """Training wall time: first to last time stamp of train.log (resumed runs: the gaps between processes
     are not counted)."""
@@ -83,16 +98,14 @@ def plot_curves(methods, folds, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
     cmap = plt.get_cmap("tab20")
     for i, m in enumerate(methods):
-        curves = [validation_curve(f) for f in folds if f.method == m]
-        curves = [c for c in curves if len(c[0])]
-        if not curves:
+        curve = mean_curve([f for f in folds if f.method == m])
+        if curve is None:
             continue
-        n = min(len(c[0]) for c in curves)
-        it, dice = curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0)
+        it, dice, n_seeds = curve
         style = dict(lw=2.4) if m in HIGHLIGHT else dict(lw=1.1, alpha=0.85)
         ls = "--" if m in ("fully", "fully_all") else "-"
         ax.plot(it, dice, ls, color="black" if m == "dhc" else cmap(i % 20),
-                label=f"{m} ({len(curves)} seed{'s' if len(curves) > 1 else ''})", **style)
+                label=f"{m} ({n_seeds} seed{'s' if n_seeds > 1 else ''})", **style)
     ax.set_xlabel("iteration")
     ax.set_ylabel("validation mean Dice (%), centre crop of the 3 eval cases")
     ax.set_title(f"Phantom {P.label_ratio} % labels: learning curves (mean over seeds)")
@@ -188,17 +201,18 @@ def write_report(methods, folds, out, env):
              "- Command: `make benchmark` (or `METHODS=\"dhc cps\" SEEDS=\"0\" make benchmark`).", "",
              "## Results (test cases, mean ± std over seeds)", "", table.rstrip(), "",
              "Rarest five organs (by voxel share): " + ", ".join(SYNAPSE_ORGANS[k] for k in rare) + ".", ""]
-    lines += ["| method | seeds | rare-five mean Dice | iterations | s/it | training wall s per seed |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| method | seeds | organs > 0 | rare-five mean Dice | validation Dice, last quarter (min–max) | "
+              "iterations | s/it | training wall s per seed |", "|---|---|---|---|---|---|---|---|"]
+    from benchmark import seconds_per_iteration
     for m in exps:
         fs = [f for f in folds if f.method == m and f.fold <= done[m]]
-        from benchmark import seconds_per_iteration
         rates = [r for r in map(seconds_per_iteration, fs) if r]
         walls = [w for w in map(fold_wall_seconds, fs) if w]
-        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {np.mean(results[m][0][rare]):.1f} | "
-                     f"{fs[0].iterations} | {np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else
-                     f"| {m} | {', '.join(str(f.seed) for f in fs)} | {np.mean(results[m][0][rare]):.1f} | "
-                     f"{fs[0].iterations} | n/a | n/a |")
+        curve = mean_curve(fs)
+        flat = "{:.1f}–{:.1f}".format(*last_quarter(*curve[:2])) if curve else "n/a"
+        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {int((results[m][0] > 0).sum())} | "
+                     f"{np.mean(results[m][0][rare]):.1f} | {flat} | {fs[0].iterations} | "
+                     + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
     left = [f"{f.method} seed {f.seed}" for f in folds if not (f.trained() and f.tested())]
     lines += ["", "Not yet run: " + (", ".join(left) if left else "nothing") + ".", "",
               f"![learning curves]({P.name}_curves.png)", "", f"![per-organ Dice]({P.name}_organs.png)", "",

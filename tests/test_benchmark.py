@@ -4,6 +4,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -123,3 +124,27 @@ def test_a_fold_locked_by_another_process_is_left_alone(bench):
 def test_unknown_method_is_one_error_line(bench, capsys):
     assert bench.main(["--methods", "nope", "--status"]) == 2
     assert capsys.readouterr().out.startswith("error: --methods: unknown nope")
+
+
+def test_report_curves_average_seeds_and_measure_the_last_quarter(bench):
+    """The page's plateau column: validation Dice (x100) at iteration (epoch + 1) * per_epoch, averaged over seeds
+    up to the shortest curve, and its range over the last quarter of the iterations."""
+    import benchmark_report
+    folds = [bench.Fold("dhc", 0), bench.Fold("dhc", 1)]  # 6 iterations per epoch
+    curves = {0: [(0, 0.10), (10, 0.50), (20, 0.70), (30, 0.72), (40, 0.74)],
+              1: [(0, 0.20), (10, 0.60), (20, 0.60), (30, 0.76)]}
+    for fold in folds:
+        os.makedirs(fold.folder)
+        with open(os.path.join(fold.folder, "train.log"), "w") as log:
+            log.write("[05:00:00.000] dhc on phantom\n")
+            for epoch, dice in curves[fold.seed]:
+                log.write(f"[05:00:01.000] validation epoch {epoch}: mean dice {dice:.4f} (best ...) | spleen 0.1\n")
+    it, dice = benchmark_report.validation_curve(folds[0])
+    assert it.tolist() == [6, 66, 126, 186, 246] and dice[-1] == pytest.approx(74.0)
+    it, dice, n = benchmark_report.mean_curve(folds)
+    assert n == 2 and it.tolist() == [6, 66, 126, 186]
+    assert dice == pytest.approx([15.0, 55.0, 65.0, 74.0])
+    # last quarter: iterations >= 0.75 * 186 = 139.5, i.e. 186 only
+    assert benchmark_report.last_quarter(it, dice) == pytest.approx((74.0, 74.0))
+    assert benchmark_report.last_quarter(np.array([100, 750, 800, 1000]), np.array([1, 2, 5, 3.0])) == (2.0, 5.0)
+    assert benchmark_report.mean_curve([bench.Fold("cps", 0)]) is None
