@@ -14,6 +14,7 @@ import glob
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -141,17 +142,21 @@ def _lines(folder):
     return open(path, errors="replace").read().splitlines() if os.path.isfile(path) else []
 
 
+def working_gaps(gaps):
+    """The gaps (seconds between log lines) a process spent working: a gap over ten times the median, and over a
+    minute, is a pause (a stopped or restarted process, a test suite holding the cores) and is left out."""
+    limit = max(60.0, 10 * statistics.median(gaps)) if gaps else 0.0
+    return [g for g in gaps if g <= limit]
+
+
 def seconds_per_iteration(fold):
     """Measured wall seconds per iteration (validation included) from a fold's train.log, or None."""
     stamps = [(int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)), int(m.group(4)))
               for m in map(LOG_LINE.match, _lines(fold.folder)) if m]
     if len(stamps) < 3:
         return None
-    total, epochs = 0.0, 0
-    for (t0, e0), (t1, e1) in zip(stamps, stamps[1:]):
-        if e1 == e0 + 1 and 0 <= (t1 - t0) % 86400 < 600:  # consecutive epochs of one process
-            total, epochs = total + (t1 - t0) % 86400, epochs + 1
-    return total / (epochs * fold.per_epoch) if epochs else None
+    kept = working_gaps([(t1 - t0) % 86400 for (t0, e0), (t1, e1) in zip(stamps, stamps[1:]) if e1 == e0 + 1])
+    return sum(kept) / (len(kept) * fold.per_epoch) if kept else None
 
 
 def plan(methods, seeds):

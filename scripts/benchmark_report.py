@@ -67,15 +67,15 @@ def last_quarter(it, dice):
 
 
 def fold_wall_seconds(fold):
-    """Training wall time: first to last time stamp of train.log (resumed runs: the gaps between processes
-    are not counted)."""
+    """Training wall time: first to last time stamp of train.log, pauses and restarts not counted."""
     path = os.path.join(fold.folder, "train.log")
     if not os.path.isfile(path):
         return None
     stamps = [int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
               for m in map(STAMP.match, open(path, errors="replace")) if m]
+    from benchmark import working_gaps
     steps = [(b - a) % 86400 for a, b in zip(stamps, stamps[1:])]
-    return float(sum(s for s in steps if s < 600)) if steps else None
+    return float(sum(working_gaps(steps))) if steps else None
 
 
 def organ_shares(env):

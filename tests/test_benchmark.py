@@ -121,6 +121,15 @@ def test_a_fold_locked_by_another_process_is_left_alone(bench):
     assert not fold.busy()
 
 
+def test_pauses_are_not_counted_as_training_time(bench):
+    """A process stopped for a test suite (260 s between two 10-s epochs) or restarted hours later is not training;
+    a validation epoch twice as long as the others is."""
+    assert bench.working_gaps([10, 10, 12, 10, 260, 10]) == [10, 10, 12, 10, 10]
+    assert bench.working_gaps([5, 1, 5, 1, 5, 20, 59]) == [5, 1, 5, 1, 5, 20, 59]  # limit: 60 s at least
+    assert bench.working_gaps([30, 30, 30, 400, 290]) == [30, 30, 30, 290]  # limit: 10 x the median (30 -> 300 s)
+    assert bench.working_gaps([]) == []
+
+
 def test_unknown_method_is_one_error_line(bench, capsys):
     assert bench.main(["--methods", "nope", "--status"]) == 2
     assert capsys.readouterr().out.startswith("error: --methods: unknown nope")
