@@ -132,8 +132,12 @@ def plot_organs(results, shares, path):
         mean, std = results[m]
         ax.errorbar(shares[order], mean[order], yerr=std[order], marker=markers[m], capsize=2,
                     lw=2.2 if m == "dhc" else 1.2, ls="--" if m.startswith("fully") else "-", label=m)
-    for k in order:
-        ax.annotate(SYNAPSE_ORGANS[k], (shares[k], 1), rotation=60, fontsize=7, ha="left", va="bottom")
+    level, last = 0, None
+    for k in order:  # organs of nearly equal share: names stacked, not printed over each other
+        level = level + 1 if last is not None and np.log10(shares[k] / last) < 0.05 else 0
+        last = shares[k]
+        ax.annotate(SYNAPSE_ORGANS[k], (shares[k], 1 + 12 * level), rotation=60, fontsize=7, ha="left",
+                    va="bottom")
     ax.set_xscale("log")
     ax.set_xlabel("organ's share of the training voxels (%, log scale)")
     ax.set_ylabel("test Dice (%)")
