@@ -20,6 +20,7 @@ from config import BENCHMARK as P, SYNAPSE_ORGANS  # noqa: E402
 VAL_LINE = re.compile(r"validation epoch (\d+): mean dice ([0-9.]+)")
 STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.\d+\] ")
 HIGHLIGHT = ("dhc", "cps", "fully", "fully_all")
+STRONG = {"dhc": "black", "cps": "tab:orange", "fully": "tab:gray", "fully_all": "tab:blue"}  # the curves to find
 
 
 def finished_folds(method, folds):
@@ -96,15 +97,16 @@ def plot_curves(methods, folds, path):
     import matplotlib.pyplot as plt
     from utils.io import atomic_path
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    cmap = plt.get_cmap("tab20")
-    for i, m in enumerate(methods):
+    tab20 = plt.get_cmap("tab20").colors
+    others = iter(tab20[4:14] + tab20[16:] + tab20[:4] * 4)  # not the blue, orange and grey of STRONG first
+    for m in methods:
         curve = mean_curve([f for f in folds if f.method == m])
         if curve is None:
             continue
         it, dice, n_seeds = curve
         style = dict(lw=2.4) if m in HIGHLIGHT else dict(lw=1.1, alpha=0.85)
         ls = "--" if m in ("fully", "fully_all") else "-"
-        ax.plot(it, dice, ls, color="black" if m == "dhc" else cmap(i % 20),
+        ax.plot(it, dice, ls, color=STRONG.get(m) or next(others),
                 label=f"{m} ({n_seeds} seed{'s' if n_seeds > 1 else ''})", **style)
     ax.set_xlabel("iteration")
     ax.set_ylabel("validation mean Dice (%), centre crop of the 3 eval cases")
