@@ -213,7 +213,9 @@ def run_fold(fold, log=print, wait=True):
             log(f"{datetime.now():%H:%M:%S} start {step}: {fold.method} seed {fold.seed}")
             rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
             if rc:
-                return f"{step} exited with {rc} (see {out.name})"
+                error = f"{step} exited with {rc} (see {out.name})"
+                log(f"{datetime.now():%H:%M:%S} failed: {fold.method} seed {fold.seed}: {error}")
+                return error
     log(f"{datetime.now():%H:%M:%S} done: {fold.method} seed {fold.seed}")
     return None
 

@@ -130,6 +130,17 @@ def test_pauses_are_not_counted_as_training_time(bench):
     assert bench.working_gaps([]) == []
 
 
+def test_a_failing_fold_is_reported_when_it_fails(bench, monkeypatch):
+    """A fold whose training exits non-zero is named in the runner's log at once (the other lane goes on), with
+    the exit status and its log file, and nothing is tested."""
+    fold, logged, calls = bench.Fold("dhc", 0), [], []
+    monkeypatch.setattr(bench.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 3)
+    error = bench.run_fold(fold, log=logged.append)
+    assert error == f"train exited with 3 (see {os.path.join(fold.folder, 'benchmark.log')})"
+    assert len(calls) == 1 and "train_dhc.py" in calls[0][1]
+    assert logged[-1].endswith(f"failed: dhc seed 0: {error}") and not any("done" in line for line in logged)
+
+
 def test_unknown_method_is_one_error_line(bench, capsys):
     assert bench.main(["--methods", "nope", "--status"]) == 2
     assert capsys.readouterr().out.startswith("error: --methods: unknown nope")
