@@ -50,7 +50,7 @@ def test_rows_get_their_iterations_per_epoch(bench):
     assert dhc.train_cmd()[dhc.train_cmd().index("-sl") + 1] == "labeled_20p"
     assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "1500"
     unetrpp = bench.Fold("dhc_unetrpp", 0).train_cmd()
-    assert unetrpp[-3:] == ["32", "32", "32"] and unetrpp[unetrpp.index("--base_lr") + 1] == "0.01"
+    assert unetrpp[-3:] == ["32", "32", "32"] and unetrpp[unetrpp.index("--base_lr") + 1] == "0.003"
     assert cmd.count("--base_lr") == 1 and cmd[cmd.index("--base_lr") + 1] == "0.03"
 
 
