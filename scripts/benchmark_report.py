@@ -91,6 +91,39 @@ def organ_shares(env):
     return 100 * counts[1:] / counts.sum()
 
 
+def confusion(gt, pred, num_cls):
+    """Voxel counts [true class, predicted class] of one label-map pair."""
+    return np.bincount(gt.astype(np.int64).ravel() * num_cls + pred.astype(np.int64).ravel(),
+                       minlength=num_cls * num_cls).reshape(num_cls, num_cls)
+
+
+def confusion_on_test_cases(fold):
+    """Voxel confusion of a fold's test predictions (``predictions_AB``) against the evaluation's ground truth."""
+    from evaluate_Ntimes import load_gt, load_prediction
+    from utils.io import read_list
+    from utils.task import get_task
+    task = get_task("phantom")
+    total = np.zeros((task.num_cls, task.num_cls), np.int64)
+    for case in read_list(task.split_path("test")):
+        gt, _ = load_gt(task, case, "auto")
+        pred, _ = load_prediction(os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"), task.num_cls)
+        total += confusion(gt, pred, task.num_cls)
+    return total
+
+
+def voxel_summary(conf, organ):
+    """Where the voxels go, from a confusion matrix (class 0 = background): for ``organ`` (a class index) its
+    predicted : true voxel ratio, precision and recall (x100); then the share (x100) of all voxels predicted as an
+    organ that are background, and precision and recall (x100) averaged over the organs (precision over the organs
+    predicted at all)."""
+    conf = np.asarray(conf, float)
+    true, predicted, hit = conf.sum(1), conf.sum(0), np.diag(conf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = 100 * hit / predicted, 100 * hit / true
+    return (predicted[organ] / true[organ], precision[organ], recall[organ],
+            100 * conf[0, 1:].sum() / predicted[1:].sum(), np.nanmean(precision[1:]), np.nanmean(recall[1:]))
+
+
 def plot_curves(methods, folds, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -219,6 +252,16 @@ def write_report(methods, folds, out, env):
         lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {int((results[m][0] > 0).sum())} | "
                      f"{np.mean(results[m][0][rare]):.1f} | {flat} | {fs[0].iterations} | "
                      + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
+    liver = SYNAPSE_ORGANS.index("liver") + 1
+    lines += ["", "Where the voxels go (test cases, voxels summed over the seeds): the liver's predicted ÷ true "
+              "volume, precision and recall; the share of voxels predicted as an organ that are background; "
+              "precision and recall averaged over the organs (precision over those predicted at all).", "",
+              "| method | liver predicted ÷ true | liver precision | liver recall | organ voxels on background % | "
+              "organ precision | organ recall |", "|---|---|---|---|---|---|---|"]
+    for m in exps:
+        conf = sum(confusion_on_test_cases(f) for f in folds if f.method == m and f.fold <= done[m])
+        ratio, *rest = voxel_summary(conf, liver)
+        lines.append(f"| {m} | {ratio:.2f} | " + " | ".join(f"{v:.1f}" for v in rest) + " |")
     left = [f"{f.method} seed {f.seed}" for f in folds if not (f.trained() and f.tested())]
     lines += ["", "Not yet run: " + (", ".join(left) if left else "nothing") + ".", "",
               f"![learning curves]({P.name}_curves.png)", "", f"![per-organ Dice]({P.name}_organs.png)", "",

@@ -168,3 +168,39 @@ def test_report_curves_average_seeds_and_measure_the_last_quarter(bench):
     assert benchmark_report.last_quarter(it, dice) == pytest.approx((74.0, 74.0))
     assert benchmark_report.last_quarter(np.array([100, 750, 800, 1000]), np.array([1, 2, 5, 3.0])) == (2.0, 5.0)
     assert benchmark_report.mean_curve([bench.Fold("cps", 0)]) is None
+
+
+def test_report_says_where_the_voxels_go(bench, tmp_path):
+    """The page's over-/under-segmentation table: confusion of the test predictions against the evaluation's ground
+    truth (the preprocessed label through the training pipeline, here halved in-plane), then hand-computed ratios."""
+    import SimpleITK as sitk
+    import benchmark_report
+    from data.transforms import halve_inplane_label
+    fold = bench.Fold("dhc", 0)
+    os.makedirs(os.path.join(fold.folder, "predictions_AB"))
+    os.makedirs(tmp_path / "data" / "npy")
+    expected = np.zeros((14, 14), np.int64)
+    for k, case in enumerate(["0017", "0018", "0019", "0020"]):
+        label = np.zeros((4, 8, 8), np.uint8)
+        label[:, :4] = 6  # liver in the top half
+        label[0, 4:, :2] = 1 + k  # one small organ per case
+        np.save(tmp_path / "data" / "npy" / f"{case}_label.npy", label)
+        gt = halve_inplane_label(label)
+        pred = gt.copy()
+        pred[:, 2] = 6  # liver one row too far into the background
+        sitk.WriteImage(sitk.GetImageFromArray(pred), os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"))
+        expected += benchmark_report.confusion(gt, pred, 14)
+    assert gt.shape == (4, 4, 4)
+    conf = benchmark_report.confusion_on_test_cases(fold)
+    assert (conf == expected).all() and conf.sum() == 4 * 64 and conf[6, 6] == 4 * 32 and conf[0, 6] == 4 * 16 - 4
+    ratio, precision, recall, on_background, _, _ = benchmark_report.voxel_summary(conf, 6)
+    # 128 liver voxels, 64 more predicted (60 background, 4 small-organ voxels), 4 small-organ voxels kept
+    assert (ratio, precision, recall) == pytest.approx((192 / 128, 100 * 128 / 192, 100.0))
+    assert on_background == pytest.approx(100 * 60 / 196)
+
+    conf = np.array([[80, 10, 0, 0],
+                     [5, 15, 0, 0],
+                     [2, 0, 8, 0],
+                     [4, 0, 0, 0]])  # class 3 is never predicted: no precision, recall 0
+    assert benchmark_report.voxel_summary(conf, 1) == pytest.approx(
+        (25 / 20, 60.0, 75.0, 100 * 10 / 33, 80.0, (75 + 80 + 0) / 3))
