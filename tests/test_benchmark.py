@@ -28,7 +28,7 @@ def bench(tmp_path, monkeypatch):
     return importlib.reload(benchmark)
 
 
-@pytest.mark.parametrize("per_epoch, iterations", [(6, 1200), (4, 3000), (1, 1200), (5, 1200), (3, 100)])
+@pytest.mark.parametrize("per_epoch, iterations", [(6, 1200), (6, 2400), (4, 6000), (1, 2400), (5, 2400), (3, 100)])
 def test_schedule_validates_the_last_epoch_and_hits_the_budget(per_epoch, iterations):
     from config import BENCHMARK
     max_epoch, every = BENCHMARK.schedule(per_epoch, iterations)
@@ -43,7 +43,7 @@ def test_rows_get_their_iterations_per_epoch(bench):
     got = {m: bench.Fold(m, 0).per_epoch for m in ("dhc", "adsh", "fully", "fully_all")}
     assert got == {"dhc": 6, "adsh": 5, "fully": 1, "fully_all": 4}
     dhc, bound = bench.Fold("dhc", 0), bench.Fold("fully_all", 0)
-    assert (dhc.max_epoch, dhc.eval_every, dhc.iterations) == (200, 10, 1206)
+    assert (dhc.max_epoch, dhc.eval_every, dhc.iterations) == (400, 20, 2406)
     assert (bound.max_epoch, bound.eval_every) == (1500, 75)
     cmd = bound.train_cmd()
     assert cmd.count("-sl") == 1 and cmd[cmd.index("-sl") + 1] == "train"
@@ -107,7 +107,7 @@ def test_fold_states_and_resume(bench):
     open(os.path.join(preds, "3.nii.gz"), "w").close()
     assert fold.tested()
     lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
-    assert "done" in lines[0] and "2.00 s/it" in lines[0] and "left (1206 of 1206" in lines[1]
+    assert "done" in lines[0] and "2.00 s/it" in lines[0] and "left (2406 of 2406" in lines[1]
     assert lines[-1].startswith("1 of 2 folds done")
 
 
