@@ -165,7 +165,7 @@ def plot_organs(results, shares, path):
         if m not in results:
             continue
         mean, std = results[m]
-        ax.errorbar(shares[order], mean[order], yerr=std[order], marker=markers[m], capsize=2,
+        ax.errorbar(shares[order], mean[order], yerr=std[order], marker=markers[m], capsize=2, color=STRONG[m],
                     lw=2.2 if m == "dhc" else 1.2, ls="--" if m.startswith("fully") else "-", label=m)
     level, last = 0, None
     for k in order:  # organs of nearly equal share: names stacked, not printed over each other
