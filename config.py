@@ -113,9 +113,8 @@ class BenchmarkProtocol:
     learning (CPS: 24 validation Dice at the end of a 1,206-iteration run, 36 at iteration 1,206 of a 2,406-iteration
     one; docs/benchmark/phantom_20p.md). The upper bound ``fully_all`` (one VNet on every training case, unweighted
     loss) trains for ``bound_iterations``, as the original trains its fully supervised VNet for longer (1000 epochs
-    of 5 iterations on Synapse). Runs validate
-    ``n_evals`` times. UNETR++ takes patch sides divisible by 32 only and diverges at 3e-2 and 1e-2: its row runs at
-    ``unetrpp_patch_size`` and ``unetrpp_base_lr``."""
+    of 5 iterations on Synapse). Runs validate ``n_evals`` times. UNETR++ takes patch sides divisible by 32 only and
+    diverges at 3e-2 and 1e-2: its row runs at ``unetrpp_patch_size`` and ``unetrpp_base_lr``."""
     name: str = "phantom_20p"
     n_cases: int = 20
     raw_shape: Tuple[int, int, int] = (32, 192, 192)

@@ -97,17 +97,24 @@ def confusion(gt, pred, num_cls):
                        minlength=num_cls * num_cls).reshape(num_cls, num_cls)
 
 
-def confusion_on_test_cases(fold):
-    """Voxel confusion of a fold's test predictions (``predictions_AB``) against the evaluation's ground truth."""
-    from evaluate_Ntimes import load_gt, load_prediction
+def load_test_labels():
+    """{test case: ground-truth label map on the evaluation grid}, loaded once for every row and seed."""
+    from evaluate_Ntimes import load_gt
     from utils.io import read_list
     from utils.task import get_task
     task = get_task("phantom")
-    total = np.zeros((task.num_cls, task.num_cls), np.int64)
-    for case in read_list(task.split_path("test")):
-        gt, _ = load_gt(task, case, "auto")
-        pred, _ = load_prediction(os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"), task.num_cls)
-        total += confusion(gt, pred, task.num_cls)
+    return {case: load_gt(task, case, "auto")[0] for case in read_list(task.split_path("test"))}
+
+
+def confusion_on_test_cases(fold, labels):
+    """Voxel confusion of a fold's test predictions (``predictions_AB``) against ``labels`` (``load_test_labels()``)."""
+    from evaluate_Ntimes import load_prediction
+    from utils.task import get_task
+    num_cls = get_task("phantom").num_cls
+    total = np.zeros((num_cls, num_cls), np.int64)
+    for case, gt in labels.items():
+        pred, _ = load_prediction(os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"), num_cls)
+        total += confusion(gt, pred, num_cls)
     return total
 
 
@@ -258,8 +265,9 @@ def write_report(methods, folds, out, env):
               "precision and recall averaged over the organs (precision over those predicted at all).", "",
               "| method | liver predicted ÷ true | liver precision | liver recall | organ voxels on background % | "
               "organ precision | organ recall |", "|---|---|---|---|---|---|---|"]
+    labels = load_test_labels()
     for m in exps:
-        conf = sum(confusion_on_test_cases(f) for f in folds if f.method == m and f.fold <= done[m])
+        conf = sum(confusion_on_test_cases(f, labels) for f in folds if f.method == m and f.fold <= done[m])
         ratio, *rest = voxel_summary(conf, liver)
         lines.append(f"| {m} | {ratio:.2f} | " + " | ".join(f"{v:.1f}" for v in rest) + " |")
     left = [f"{f.method} seed {f.seed}" for f in folds if not (f.trained() and f.tested())]

@@ -191,7 +191,9 @@ def test_report_says_where_the_voxels_go(bench, tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(pred), os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"))
         expected += benchmark_report.confusion(gt, pred, 14)
     assert gt.shape == (4, 4, 4)
-    conf = benchmark_report.confusion_on_test_cases(fold)
+    labels = benchmark_report.load_test_labels()
+    assert sorted(labels) == ["0017", "0018", "0019", "0020"] and (labels["0020"] == gt).all()
+    conf = benchmark_report.confusion_on_test_cases(fold, labels)
     assert (conf == expected).all() and conf.sum() == 4 * 64 and conf[6, 6] == 4 * 32 and conf[0, 6] == 4 * 16 - 4
     ratio, precision, recall, on_background, _, _ = benchmark_report.voxel_summary(conf, 6)
     # 128 liver voxels, 64 more predicted (60 background, 4 small-organ voxels), 4 small-organ voxels kept
