@@ -193,6 +193,11 @@ def plot_organs(results, shares, path):
     plt.close(fig)
 
 
+def ranking(results):
+    """Methods by mean test Dice over the organs, best first (ties keep their order): the page's row order."""
+    return sorted(results, key=lambda m: -float(np.mean(results[m][0])))
+
+
 def commits(folds):
     found = set()
     for f in folds:
@@ -220,11 +225,12 @@ def write_report(methods, folds, out, env):
     if not exps:
         print("nothing finished yet: no table")
         return
-    table = make_table([exps[m] for m in exps], prefix, names=list(exps))
     results = {}
     for m, folder in exps.items():
         res = json.load(open(os.path.join(folder, "results.json")))["paper"]["dice"]
         results[m] = (np.array(res["class_mean"], float), np.array(res["class_std"], float))
+    exps = {m: exps[m] for m in ranking(results)}
+    table = make_table([exps[m] for m in exps], prefix, names=list(exps))
     shares = organ_shares(env)
     plot_curves(methods, [f for f in folds if f.trained()], prefix + "_curves.png")
     plot_organs(results, shares, prefix + "_organs.png")
@@ -245,10 +251,10 @@ def write_report(methods, folds, out, env):
              "evaluation with the paper's conventions (Dice x100, ASD in voxels).",
              "- One single-threaded process per fold, two folds side by side on the 2-core machine.",
              "- Command: `make benchmark` (or `METHODS=\"dhc cps\" SEEDS=\"0\" make benchmark`).", "",
-             "## Results (test cases, mean ± std over seeds)", "", table.rstrip(), "",
+             "## Results (test cases, mean ± std over seeds; best mean Dice first)", "", table.rstrip(), "",
              "Rarest five organs (by voxel share): " + ", ".join(SYNAPSE_ORGANS[k] for k in rare) + ".", ""]
-    lines += ["| method | seeds | organs > 0 | rare-five mean Dice | validation Dice, last quarter (min–max) | "
-              "iterations | s/it | training wall s per seed |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | seeds | mean Dice | organs > 0 | rare-five mean Dice | validation Dice, last quarter "
+              "(min–max) | iterations | s/it | training wall s per seed |", "|---|---|---|---|---|---|---|---|---|"]
     from benchmark import seconds_per_iteration
     for m in exps:
         fs = [f for f in folds if f.method == m and f.fold <= done[m]]
@@ -256,7 +262,8 @@ def write_report(methods, folds, out, env):
         walls = [w for w in map(fold_wall_seconds, fs) if w]
         curve = mean_curve(fs)
         flat = "{:.1f}–{:.1f}".format(*last_quarter(*curve[:2])) if curve else "n/a"
-        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {int((results[m][0] > 0).sum())} | "
+        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {results[m][0].mean():.1f} | "
+                     f"{int((results[m][0] > 0).sum())} | "
                      f"{np.mean(results[m][0][rare]):.1f} | {flat} | {fs[0].iterations} | "
                      + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
     liver = SYNAPSE_ORGANS.index("liver") + 1

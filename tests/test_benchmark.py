@@ -170,6 +170,15 @@ def test_report_curves_average_seeds_and_measure_the_last_quarter(bench):
     assert benchmark_report.mean_curve([bench.Fold("cps", 0)]) is None
 
 
+def test_report_ranks_rows_by_mean_dice(bench):
+    """The page lists rows best first by the mean over the organs of the per-organ Dice (seed means); ties keep
+    the runner's order."""
+    import benchmark_report
+    results = {"fully": (np.array([10.0, 30.0]), None), "dhc": (np.array([80.0, 40.0]), None),
+               "cps": (np.array([50.0, 10.0]), None), "acisis": (np.array([0.0, 60.0]), None)}
+    assert benchmark_report.ranking(results) == ["dhc", "cps", "acisis", "fully"]
+
+
 def test_report_says_where_the_voxels_go(bench, tmp_path):
     """The page's over-/under-segmentation table: confusion of the test predictions against the evaluation's ground
     truth (the preprocessed label through the training pipeline, here halved in-plane), then hand-computed ratios."""
