@@ -18,6 +18,7 @@ sys.path[:0] = [os.path.join(ROOT, "code"), ROOT]
 from config import BENCHMARK as P, SYNAPSE_ORGANS  # noqa: E402
 
 VAL_LINE = re.compile(r"validation epoch (\d+): mean dice ([0-9.]+)")
+EPOCH_LINE = re.compile(r"\] epoch (\d+) \|")
 STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.\d+\] ")
 HIGHLIGHT = ("dhc", "cps", "fully", "fully_all")
 STRONG = {"dhc": "black", "cps": "tab:orange", "fully": "tab:gray", "fully_all": "tab:blue"}  # the curves to find
@@ -50,6 +51,15 @@ def validation_curve(fold):
                 points[(int(m.group(1)) + 1) * fold.per_epoch] = 100 * float(m.group(2))
     it = np.array(sorted(points))
     return it, np.array([points[i] for i in it])
+
+
+def trained_iterations(fold):
+    """(iterations trained, stopped early?) from a fold's train.log: the original's early stop (no validation gain
+    for the task's patience in epochs) can end a run before its planned ``fold.iterations``."""
+    path = os.path.join(fold.folder, "train.log")
+    text = open(path, errors="replace").read() if os.path.isfile(path) else ""
+    epochs = [int(e) for e in EPOCH_LINE.findall(text)]
+    return (max(epochs) + 1) * fold.per_epoch if epochs else 0, "early stop:" in text
 
 
 def mean_curve(folds):
@@ -193,6 +203,12 @@ def plot_organs(results, shares, path):
     plt.close(fig)
 
 
+def iterations_cell(folds):
+    """The summary's iterations column: each seed's trained count, marked where it stopped early, and the plan."""
+    runs = [trained_iterations(f) for f in folds]
+    return ", ".join(f"{n}{' (early stop)' if early else ''}" for n, early in runs) + f" of {folds[0].iterations}"
+
+
 def ranking(results):
     """Methods by mean test Dice over the organs, best first (ties keep their order): the page's row order."""
     return sorted(results, key=lambda m: -float(np.mean(results[m][0])))
@@ -254,7 +270,8 @@ def write_report(methods, folds, out, env):
              "## Results (test cases, mean ± std over seeds; best mean Dice first)", "", table.rstrip(), "",
              "Rarest five organs (by voxel share): " + ", ".join(SYNAPSE_ORGANS[k] for k in rare) + ".", ""]
     lines += ["| method | seeds | mean Dice | organs > 0 | rare-five mean Dice | validation Dice, last quarter "
-              "(min–max) | iterations | s/it | training wall s per seed |", "|---|---|---|---|---|---|---|---|---|"]
+              "(min–max) | iterations trained (of planned) | s/it | training wall s per seed |",
+              "|---|---|---|---|---|---|---|---|---|"]
     from benchmark import seconds_per_iteration
     for m in exps:
         fs = [f for f in folds if f.method == m and f.fold <= done[m]]
@@ -264,7 +281,7 @@ def write_report(methods, folds, out, env):
         flat = "{:.1f}–{:.1f}".format(*last_quarter(*curve[:2])) if curve else "n/a"
         lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {results[m][0].mean():.1f} | "
                      f"{int((results[m][0] > 0).sum())} | "
-                     f"{np.mean(results[m][0][rare]):.1f} | {flat} | {fs[0].iterations} | "
+                     f"{np.mean(results[m][0][rare]):.1f} | {flat} | {iterations_cell(fs)} | "
                      + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
     liver = SYNAPSE_ORGANS.index("liver") + 1
     lines += ["", "Where the voxels go (test cases, voxels summed over the seeds): the liver's predicted ÷ true "

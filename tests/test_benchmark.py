@@ -179,6 +179,26 @@ def test_report_ranks_rows_by_mean_dice(bench):
     assert benchmark_report.ranking(results) == ["dhc", "cps", "acisis", "fully"]
 
 
+def test_report_counts_the_iterations_a_run_trained(bench):
+    """The original's early stop can end a run before its plan: the page reports (last epoch + 1) x per-epoch
+    iterations from train.log, marked when the log says it stopped early."""
+    import benchmark_report
+    folds = [bench.Fold("dhc", 0), bench.Fold("dhc", 1)]  # 6 iterations per epoch, 2406 planned
+    logs = {0: ["[05:00:00.000] epoch 0 | lr 0.03 | loss 1.0", "[05:00:01.000] epoch 319 | lr 0.01 | loss 0.5",
+                "[05:00:01.500] validation epoch 320: mean dice 0.7 (best 0.8 at epoch 220) | spleen 0.8",
+                "[05:00:02.000] epoch 320 | lr 0.01 | loss 0.5",
+                "[05:00:02.000] early stop: no improvement for 100 epochs"],
+            1: ["[05:00:00.000] epoch 400 | lr 0.0001 | loss 0.2"]}
+    for fold in folds:
+        os.makedirs(fold.folder)
+        with open(os.path.join(fold.folder, "train.log"), "w") as log:
+            log.write("\n".join(logs[fold.seed]) + "\n")
+    assert benchmark_report.trained_iterations(folds[0]) == (321 * 6, True)
+    assert benchmark_report.trained_iterations(folds[1]) == (401 * 6, False)
+    assert benchmark_report.trained_iterations(bench.Fold("cps", 0)) == (0, False)
+    assert benchmark_report.iterations_cell(folds) == "1926 (early stop), 2406 of 2406"
+
+
 def test_report_says_where_the_voxels_go(bench, tmp_path):
     """The page's over-/under-segmentation table: confusion of the test predictions against the evaluation's ground
     truth (the preprocessed label through the training pipeline, here halved in-plane), then hand-computed ratios."""
