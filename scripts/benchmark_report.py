@@ -18,7 +18,6 @@ sys.path[:0] = [os.path.join(ROOT, "code"), ROOT]
 from config import BENCHMARK as P, SYNAPSE_ORGANS  # noqa: E402
 
 VAL_LINE = re.compile(r"validation epoch (\d+): mean dice ([0-9.]+)")
-EPOCH_LINE = re.compile(r"\] epoch (\d+) \|")
 STAMP = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.\d+\] ")
 HIGHLIGHT = ("dhc", "cps", "fully", "fully_all")
 STRONG = {"dhc": "black", "cps": "tab:orange", "fully": "tab:gray", "fully_all": "tab:blue"}  # the curves to find
@@ -56,10 +55,8 @@ def validation_curve(fold):
 def trained_iterations(fold):
     """(iterations trained, stopped early?) from a fold's train.log: the original's early stop (no validation gain
     for the task's patience in epochs) can end a run before its planned ``fold.iterations``."""
-    path = os.path.join(fold.folder, "train.log")
-    text = open(path, errors="replace").read() if os.path.isfile(path) else ""
-    epochs = [int(e) for e in EPOCH_LINE.findall(text)]
-    return (max(epochs) + 1) * fold.per_epoch if epochs else 0, "early stop:" in text
+    from benchmark import _lines
+    return fold.epochs_done() * fold.per_epoch, any("] early stop:" in line for line in _lines(fold.folder))
 
 
 def mean_curve(folds):
