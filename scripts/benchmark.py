@@ -17,6 +17,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -220,6 +221,19 @@ def run_fold(fold, log=print, wait=True):
     return None
 
 
+def line_printer(stream=None):
+    """A ``log`` for lanes running side by side: each line is written whole (``print`` writes the text and the
+    newline separately, so two lanes' lines could run together)."""
+    lock = threading.Lock()
+
+    def log(text):
+        with lock:
+            out = stream or sys.stdout
+            out.write(text + "\n")
+            out.flush()
+    return log
+
+
 def ensure_data():
     """Write the benchmark's phantom and preprocess it (both skip what is already complete)."""
     py = sys.executable
@@ -247,8 +261,9 @@ def main(argv=None):
     if not (args.status or args.report):
         print("\n".join(status(folds, args.jobs)), flush=True)
         todo = [f for f in folds if not (f.trained() and f.tested())]
+        log = line_printer()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            errors = dict(zip(todo, pool.map(lambda f: run_fold(f, lambda s: print(s, flush=True)), todo)))
+            errors = dict(zip(todo, pool.map(lambda f: run_fold(f, log), todo)))
         for f, err in errors.items():
             if err:
                 print(f"{f.method} seed {f.seed}: {err}")

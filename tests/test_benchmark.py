@@ -3,6 +3,8 @@ arithmetic, the order folds run in, and what counts as trained, tested and resum
 import importlib
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -50,7 +52,7 @@ def test_rows_get_their_iterations_per_epoch(bench):
     assert dhc.train_cmd()[dhc.train_cmd().index("-sl") + 1] == "labeled_20p"
     assert "train_fully.py" in cmd[1] and cmd[cmd.index("-ep") + 1] == "1500"
     unetrpp = bench.Fold("dhc_unetrpp", 0).train_cmd()
-    assert unetrpp[-3:] == ["32", "32", "32"] and unetrpp[unetrpp.index("--base_lr") + 1] == "0.003"
+    assert unetrpp[-3:] == ["32", "32", "32"] and unetrpp[unetrpp.index("--base_lr") + 1] == "0.001"
     assert cmd.count("--base_lr") == 1 and cmd[cmd.index("--base_lr") + 1] == "0.03"
 
 
@@ -139,6 +141,30 @@ def test_a_failing_fold_is_reported_when_it_fails(bench, monkeypatch):
     assert error == f"train exited with 3 (see {os.path.join(fold.folder, 'benchmark.log')})"
     assert len(calls) == 1 and "train_dhc.py" in calls[0][1]
     assert logged[-1].endswith(f"failed: dhc seed 0: {error}") and not any("done" in line for line in logged)
+
+
+def test_lanes_log_whole_lines(bench):
+    """Two lanes logging at once never run their lines together: each line reaches the stream in one write."""
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            time.sleep(0.0005)  # widen the window in which another lane could write
+
+        def flush(self):
+            pass
+
+    stream = Recorder()
+    log = bench.line_printer(stream)
+    lanes = [threading.Thread(target=lambda k=k: [log(f"lane {k} line {i}") for i in range(40)]) for k in range(2)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join()
+    assert sorted(stream.writes) == sorted(f"lane {k} line {i}\n" for k in range(2) for i in range(40))
 
 
 def test_unknown_method_is_one_error_line(bench, capsys):
