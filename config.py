@@ -74,9 +74,10 @@ def _tasks():
             early_stop_patience=50, label_ratios=(2, 5, 10), epochs=PAPER_EPOCHS),
         # CPU-sized synthetic abdomen (code/data/phantom.py): Synapse layout and pipeline, written on a 32 x 128 x 128
         # grid (~3 mm pixels, ~9 mm slices) and halved in-plane to 32 x 64 x 64, so that a 16 x 48 x 48 crop holds
-        # most of the abdomen's cross-section (docs/benchmark/phantom_20p.md#protocol). Epochs sized for `make demo`
-        # (three DHC seeds side by side, test, evaluation, figures) in under 10 minutes on two cores; validation
-        # every 5 epochs (a centre crop of the 3 eval cases) so the last epoch is validated and curves have points.
+        # most of the abdomen's cross-section (docs/benchmark/first_pass/phantom_20p.md#protocol). Epochs sized for
+        # `make demo` (three DHC seeds side by side, test, evaluation, figures) in under 10 minutes on two cores;
+        # validation every 5 epochs (a centre crop of the 3 eval cases) so the last epoch is validated and curves have
+        # points.
         "phantom": TaskConfig(
             name="phantom", raw_dir=_env("phantom", "RAW", "./Datasets/Phantom"),
             data_dir=_env("phantom", "DATA", "./phantom_data"), patch_size=(16, 48, 48),
@@ -111,11 +112,11 @@ class BenchmarkProtocol:
     cross-section. Every method trains for ``iterations``, the original's count at 20 % (Synapse: 301 epochs of 8
     iterations); at half of it the unweighted rows stopped where their learning rate ran out, not where they stopped
     learning (CPS: 24 validation Dice at the end of a 1,206-iteration run, 36 at iteration 1,206 of a 2,406-iteration
-    one; docs/benchmark/phantom_20p.md). The upper bound ``fully_all`` (one VNet on every training case, unweighted
-    loss) trains for ``bound_iterations``, as the original trains its fully supervised VNet for longer (1000 epochs
-    of 5 iterations on Synapse). Runs validate ``n_evals`` times. UNETR++ takes patch sides divisible by 32 only and
-    diverges at 3e-2 and 1e-2 (and once, of two runs, at 3e-3): its row runs at ``unetrpp_patch_size`` and
-    ``unetrpp_base_lr``, the training engine's default rate."""
+    one; docs/benchmark/first_pass/phantom_20p.md). The upper bound ``fully_all`` (one VNet on every training case,
+    unweighted loss) trains for ``bound_iterations``, as the original trains its fully supervised VNet for longer
+    (1000 epochs of 5 iterations on Synapse). Runs validate ``n_evals`` times. UNETR++ takes patch sides divisible by
+    32 only and diverges at 3e-2 and 1e-2 (and once, of two runs, at 3e-3): its row runs at ``unetrpp_patch_size``
+    and ``unetrpp_base_lr``, the training engine's default rate."""
     name: str = "phantom_20p"
     n_cases: int = 20
     raw_shape: Tuple[int, int, int] = (32, 192, 192)

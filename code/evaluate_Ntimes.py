@@ -327,12 +327,23 @@ def evaluate(task, exp, folds=3, cps=None, gt="auto", both_empty="paper", progre
     if folds < 1:
         raise ConfigError(f"--folds must be >= 1, got {folds}")
     stats, ids, sources = collect_stats(task, exp, folds, cps, gt, progress)
+    return summarize(task, exp, stats, ids, cps, sources, gt, both_empty)
+
+
+def summarize(task, exp, stats, ids, cps, sources=None, gt="auto", both_empty="paper"):
+    """Everything ``evaluate`` returns, from raw class statistics [folds, cases, C-1, 5] already collected (by
+    ``collect_stats``, or kept from earlier runs as the phantom benchmark's run records are). ``sources``: the ground
+    truth file per case, None when not known."""
     values, std_values = paper_values(stats, both_empty), standard_values(stats)
     paper, standard = reduce_folds(values), reduce_folds(std_values)
-    n_raw = sum(not p.endswith(".npy") for p in sources.values())
-    meta = {"task": task.name, "exp": exp, "folds": folds, "cps": str(cps), "ids": ids,
+    if sources is None:
+        summary = "not recorded (statistics kept from earlier runs)"
+    else:
+        n_raw = sum(not p.endswith(".npy") for p in sources.values())
+        summary = f"{n_raw} raw NIfTI, {len(ids) - n_raw} preprocessed npy"
+    meta = {"task": task.name, "exp": exp, "folds": int(stats.shape[0]), "cps": str(cps), "ids": list(ids),
             "class_names": list(task.class_names), "both_empty": both_empty, "gt_mode": gt,
-            "gt_sources": sources, "gt_summary": f"{n_raw} raw NIfTI, {len(ids) - n_raw} preprocessed npy"}
+            "gt_sources": sources, "gt_summary": summary}
     log.info("ground truth: %s (--gt %s)", meta["gt_summary"], gt)
     return {"meta": meta, "stats": stats, "values": values, "paper": paper, "standard": standard,
             "files": {"evaluation_res.txt": render_txt(paper, ids, both_empty),

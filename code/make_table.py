@@ -171,7 +171,11 @@ def plot_bars(cells, class_names, path):
 
 def make_table(exps, out, names=None, metrics="paper"):
     """Write OUT.md, OUT.tex, OUT.csv, OUT.png; return the Markdown."""
-    rows = load_results(find_results(exps), names)
+    return write_tables(load_results(find_results(exps), names), out, metrics)
+
+
+def write_tables(rows, out, metrics="paper"):
+    """``make_table`` from rows already loaded: [(row label, results dict as in results.json)]."""
     class_names = rows[0][1]["class_names"]
     cells = table_cells(rows, metrics)
     markdown = render_markdown(cells, class_names, metrics)

@@ -2,15 +2,18 @@
 (``config.BENCHMARK``), test, evaluation, the table and the figures of docs/benchmark/phantom_20p.md.
 
 Run by ``make benchmark`` (``METHODS="dhc cps"``, ``SEEDS="0"``, ``JOBS=2`` pick a subset). Resumable at fold level:
-a trained and tested fold is kept, an interrupted one continues with ``--resume``, a fold being trained by another
-process (its folder locked) is left to it. Folds run side by side, one single-threaded process each (on two cores
-two such runs learn faster per second than one run on two threads: docs/benchmark/phantom_20p.md). Rows:
+a fold with a run record (``docs/benchmark/runs/<method>_seed<seed>.json``, written when it was trained and tested;
+$DHC_BENCHMARK_RUNS moves the folder) is done, on any machine; an interrupted one continues with ``--resume``; a fold
+being trained by another process (its folder locked) is left to it. Folds run side by side, one single-threaded
+process each (on two cores two such runs learn faster per second than one run on two threads:
+docs/benchmark/first_pass/phantom_20p.md). Rows:
 ``fully`` is the labeled-only VNet (lower bound), ``fully_all`` a VNet on every training case (upper bound).
 ``--status`` prints what is done and left with an estimate from the measured seconds per iteration; ``--report``
-only (re)writes the evaluation, table and figures from what is finished.
+only records the folds finished but not yet recorded and (re)writes the table and figures from the records.
 """
 import argparse
 import glob
+import json
 import math
 import os
 import re
@@ -28,6 +31,7 @@ from config import BENCHMARK as P  # noqa: E402
 
 BOUNDS = ("fully", "fully_all")
 FIRST = ("dhc", "fully_all", "cps", "fully")  # trained first, and with every seed before the others' second seed
+RUNS = os.path.join("docs", "benchmark", "runs")  # the run records, committed with the page
 LOG_LINE = re.compile(r"^\[(\d\d):(\d\d):(\d\d)\.\d+\] epoch (\d+) \|")
 
 
@@ -37,16 +41,17 @@ def all_methods():
 
 
 def env():
-    """The benchmark's phantom and log folders (each overridable by the usual variables), set in this process too
+    """The benchmark's phantom, log and run-record folders (each overridable by its variable), set in this process too
     (its ``get_task("phantom")``) and passed to the children with one thread each."""
     for name, default in (("DHC_PHANTOM_RAW", P.raw_dir), ("DHC_PHANTOM_DATA", P.data_dir),
-                          ("DHC_LOG_ROOT", P.log_root)):
+                          ("DHC_LOG_ROOT", P.log_root), ("DHC_BENCHMARK_RUNS", RUNS)):
         os.environ.setdefault(name, os.path.join(ROOT, default))
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                 PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "code"), ROOT]))
 
 
 ENV = env()
+from utils.io import ConfigError, cli_main  # noqa: E402
 from utils.task import get_task  # noqa: E402
 PHANTOM = get_task("phantom")
 
@@ -83,9 +88,21 @@ class Fold:
         self.fold = P.seeds.index(seed) + 1 if seed in P.seeds else len(P.seeds) + 1
         self.exp = f"Task_phantom_{P.label_ratio}p/{method}/fold{self.fold}"
         self.folder = os.path.join(ENV["DHC_LOG_ROOT"], self.exp)
+        self.record = os.path.join(ENV["DHC_BENCHMARK_RUNS"], f"{method}_seed{seed}.json")
         self.script, self.per_epoch, iterations, self.extra = method_info(method)
         self.max_epoch, self.eval_every = P.schedule(self.per_epoch, iterations)
         self.iterations = (self.max_epoch + 1) * self.per_epoch
+
+    def done(self):
+        """Recorded (benchmark_report.fold_record): finished here or on another machine."""
+        return os.path.isfile(self.record)
+
+    def rate(self):
+        """Seconds per iteration: the record's, else measured from the log so far (None before three epochs)."""
+        if self.done():
+            with open(self.record) as f:
+                return json.load(f)["seconds_per_iteration"]
+        return seconds_per_iteration(self)
 
     def trained(self):
         log = os.path.join(self.folder, "train.log")
@@ -172,7 +189,7 @@ def status(folds, jobs):
     """Lines: per fold done / running / left, and the estimated remaining time on ``jobs`` lanes."""
     measured = {}
     for f in folds:
-        rate = seconds_per_iteration(f)
+        rate = f.rate()
         if rate:
             measured.setdefault(f.method, []).append(rate)
     two_net = [sum(v) / len(v) for m, v in measured.items() if m not in BOUNDS]
@@ -180,23 +197,27 @@ def status(folds, jobs):
     left_s, lines = 0.0, []
     for f in folds:
         rate = sum(measured[f.method]) / len(measured[f.method]) if f.method in measured else None
-        if f.trained() and f.tested():
+        if f.done():
             state = "done"
+        elif f.trained() and f.tested():
+            state = "trained and tested, to be recorded"
         else:
             remaining = f.iterations - f.epochs_done() * f.per_epoch
             left_s += remaining * (rate or fallback) + 30  # + test
             state = ("running elsewhere" if f.busy() else "left") + f" ({remaining} of {f.iterations} iterations)"
         lines.append(f"  {f.method:12s} seed {f.seed:<4d} fold{f.fold}  "
                      f"{'%.2f s/it' % rate if rate else 's/it n/a':>10s}  {state}")
-    done = sum(1 for f in folds if f.trained() and f.tested())
+    done = sum(1 for f in folds if f.done())
     lines.append(f"{done} of {len(folds)} folds done; about {left_s / max(1, jobs) / 3600:.1f} h left on {jobs} "
                  f"lanes (measured s/it per method; {fallback:.2f} s/it assumed where none is measured)")
     return lines
 
 
 def run_fold(fold, log=print, wait=True):
-    """Train (or resume) and test one fold; its output goes to <fold>/benchmark.log. Returns an error or None.
+    """Train (or resume), test and record one fold; its output goes to <fold>/benchmark.log. Returns an error or None.
     A fold another process is training keeps this lane: ``wait`` until it ends, then test it (else give up)."""
+    if fold.done():
+        return None
     if fold.busy():
         if not wait:
             return "running in another process; left to it"
@@ -217,7 +238,9 @@ def run_fold(fold, log=print, wait=True):
                 error = f"{step} exited with {rc} (see {out.name})"
                 log(f"{datetime.now():%H:%M:%S} failed: {fold.method} seed {fold.seed}: {error}")
                 return error
-    log(f"{datetime.now():%H:%M:%S} done: {fold.method} seed {fold.seed}")
+    from benchmark_report import write_record
+    write_record(fold)
+    log(f"{datetime.now():%H:%M:%S} done: {fold.method} seed {fold.seed} (recorded in {fold.record})")
     return None
 
 
@@ -242,6 +265,18 @@ def ensure_data():
         subprocess.run(cmd, check=True, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
+def record_finished(folds, log=print):
+    """Record the folds trained and tested but not yet recorded (finished by an older runner, or killed between
+    its test and its record)."""
+    from benchmark_report import load_test_labels, write_record
+    todo = [f for f in folds if not f.done() and not f.busy() and f.trained() and f.tested()]
+    labels = load_test_labels() if todo else None
+    for f in todo:
+        write_record(f, labels)
+        log(f"recorded {f.method} seed {f.seed} in {f.record}")
+
+
+@cli_main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=None, help="rows (default: every code/train_<m>.py + fully_all)")
@@ -254,13 +289,14 @@ def main(argv=None):
     methods = args.methods or all_methods()
     unknown = [m for m in methods if m not in all_methods()]
     if unknown:
-        print(f"error: --methods: unknown {', '.join(unknown)} (choose from {', '.join(all_methods())})")
-        return 2
+        raise ConfigError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(all_methods())})")
     ensure_data()
     folds = plan(methods, args.seeds)
+    if not args.status:
+        record_finished(folds)
     if not (args.status or args.report):
         print("\n".join(status(folds, args.jobs)), flush=True)
-        todo = [f for f in folds if not (f.trained() and f.tested())]
+        todo = [f for f in folds if not f.done()]
         log = line_printer()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             errors = dict(zip(todo, pool.map(lambda f: run_fold(f, log), todo)))
@@ -270,7 +306,7 @@ def main(argv=None):
     print("\n".join(status(folds, args.jobs)))
     if not args.status:
         from benchmark_report import write_report
-        write_report(methods, folds, args.out, ENV)
+        write_report(methods, folds, args.out, ENV["DHC_BENCHMARK_RUNS"])
     return 0
 
 

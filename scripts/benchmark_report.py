@@ -1,15 +1,22 @@
-"""Evaluation, table and figures of the phantom benchmark (``scripts/benchmark.py --report``).
+"""Run records, evaluation, table and figures of the phantom benchmark (``scripts/benchmark.py``).
 
-Writes into ``docs/benchmark/``: ``phantom_20p.{md,tex,csv,png}`` (make_table.py: one row per method, mean ± std
-over the folds finished so far), ``phantom_20p_curves.png`` (validation mean Dice against iteration, every method)
-and ``phantom_20p_organs.png`` (per-organ test Dice against the organ's voxel share: DHC, CPS and both bounds).
-``phantom_20p.md`` is the table with the protocol, the commands, the commits, seeds per row and timings around it,
-and the hand-written reading of ``phantom_20p_reading.md`` when that file exists.
+A fold (one row, one seed) that is trained and tested is summed up in a run record,
+``docs/benchmark/runs/<method>_seed<seed>.json``: the protocol it ran under, its commands and commits, iterations,
+timing, validation curve, and the raw class statistics and voxel confusion of its test predictions. Records are
+committed, so the comparison outlives the machine that trained it (checkpoints and predictions do not travel); the
+page is written from records only. From them ``write_report`` writes into ``docs/benchmark/``:
+``phantom_20p.{md,tex,csv,png}`` (make_table.py: one row per method, mean ± std over the seeds recorded),
+``phantom_20p_curves.png`` (validation mean Dice against iteration, every method) and ``phantom_20p_organs.png``
+(per-organ test Dice against the organ's voxel share: DHC, CPS and both bounds). ``phantom_20p.md`` is the table with
+the protocol, the commands, the commits, seeds per row and timings around it, and the hand-written reading of
+``phantom_20p_reading.md`` when that file exists.
 """
+import glob
+import json
 import os
 import re
-import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 
@@ -23,20 +30,81 @@ HIGHLIGHT = ("dhc", "cps", "fully", "fully_all")
 STRONG = {"dhc": "black", "cps": "tab:orange", "fully": "tab:gray", "fully_all": "tab:blue"}  # the curves to find
 
 
-def finished_folds(method, folds):
-    """Number k of contiguous finished folds fold1..foldk of a method (evaluate_Ntimes reads fold1..foldk)."""
-    by_fold = {f.fold: f for f in folds if f.method == method}
-    k = 0
-    while k + 1 in by_fold and by_fold[k + 1].trained() and by_fold[k + 1].tested():
-        k += 1
-    return k
+RECORD_VERSION = 1
+NOT_PROTOCOL = ("name", "raw_dir", "data_dir", "log_root", "seeds")  # where and how often, not what a run did
+STAT_COLUMNS = ["pred_voxels", "gt_voxels", "dice", "asd_vox", "assd_mm"]  # utils.metrics.class_stats
 
 
-def evaluate(method, k, env):
-    exp = f"Task_phantom_{P.label_ratio}p/{method}"
-    subprocess.run([sys.executable, "code/evaluate_Ntimes.py", "--task", "phantom", "--exp", exp, "--folds", str(k),
-                    "--cps", "AB", "--no-progress"], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return os.path.join(env["DHC_LOG_ROOT"], exp)
+def protocol():
+    """The parts of ``config.BENCHMARK`` that decide a run's result, as a record stores them."""
+    fields = {k: v for k, v in asdict(P).items() if k not in NOT_PROTOCOL}
+    return json.loads(json.dumps(fields))  # tuples -> lists, as they come back from a record
+
+
+def _nan_to_none(a):
+    return [_nan_to_none(v) for v in a] if isinstance(a, (list, np.ndarray)) else \
+        (None if np.isnan(a) else float(a))
+
+
+def fold_record(fold, labels):
+    """The run record of a trained and tested fold (``labels``: ``load_test_labels()``)."""
+    from benchmark import seconds_per_iteration
+    from utils.task import get_task
+    stats, conf = test_statistics(fold, labels)
+    it, dice = validation_curve(fold)
+    trained, early = trained_iterations(fold)
+    return {"version": RECORD_VERSION, "method": fold.method, "seed": fold.seed, "protocol": protocol(),
+            "commits": fold_commits(fold), "commands": fold_commands(fold),
+            "iterations": {"per_epoch": fold.per_epoch, "planned": fold.iterations, "trained": trained,
+                           "early_stop": early},
+            "seconds_per_iteration": seconds_per_iteration(fold), "wall_seconds": fold_wall_seconds(fold),
+            "validation": [[int(i), round(float(d), 4)] for i, d in zip(it, dice)],
+            "test": {"cps": "AB", "ids": list(labels), "class_names": list(get_task("phantom").class_names),
+                     "stat_columns": STAT_COLUMNS, "stats": _nan_to_none(stats), "confusion": conf.tolist()}}
+
+
+def write_record(fold, labels=None):
+    """Write ``fold.record`` (under a temporary name, then renamed)."""
+    from utils.io import write_json
+    write_json(fold.record, fold_record(fold, load_test_labels() if labels is None else labels))
+
+
+def load_records(runs):
+    """{method: [run record, ...] in the protocol's seed order} of every record in ``runs``. A record made under
+    another protocol is left out with one line naming it; an unreadable one is an error."""
+    from utils.io import DataError
+    found, mine = {}, protocol()
+    for path in sorted(glob.glob(os.path.join(runs, "*.json"))):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            ok = rec.get("version") == RECORD_VERSION and all(k in rec for k in ("method", "seed", "test"))
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: unreadable run record ({e})") from None
+        if not ok:
+            raise DataError(f"{path}: not a run record of version {RECORD_VERSION}")
+        changed = sorted(k for k in set(mine) | set(rec.get("protocol", {})) if rec["protocol"].get(k) != mine.get(k))
+        if changed:
+            print(f"left out {path}: recorded under another protocol ({', '.join(changed)} differ)")
+            continue
+        found.setdefault(rec["method"], []).append(rec)
+    order = lambda r: (P.seeds.index(r["seed"]) if r["seed"] in P.seeds else len(P.seeds), r["seed"])  # noqa: E731
+    return {m: sorted(recs, key=order) for m, recs in found.items()}
+
+
+def method_results(method, records):
+    """A row's evaluation over its recorded seeds, as evaluate_Ntimes.py's results.json (paper and standard)."""
+    from evaluate_Ntimes import summarize
+    from utils.io import DataError
+    from utils.task import get_task
+    task = get_task("phantom")
+    ids = records[0]["test"]["ids"]
+    for r in records:
+        if r["test"]["ids"] != ids or r["test"]["class_names"] != list(task.class_names):
+            raise DataError(f"run records of {method}: seed {r['seed']} has other test cases or classes than seed "
+                            f"{records[0]['seed']}")
+    stats = np.array([r["test"]["stats"] for r in records], dtype=float)  # None -> NaN
+    return summarize(task, f"Task_phantom_{P.label_ratio}p/{method}", stats, ids, "AB")["json"]
 
 
 def validation_curve(fold):
@@ -59,13 +127,19 @@ def trained_iterations(fold):
     return fold.epochs_done() * fold.per_epoch, any("] early stop:" in line for line in _lines(fold.folder))
 
 
-def mean_curve(folds):
-    """Validation curve averaged over folds (truncated to the shortest); None when no fold has validated yet."""
-    curves = [c for c in map(validation_curve, folds) if len(c[0])]
+def mean_curve(curves):
+    """Validation curves [(iterations, Dice)] averaged over seeds (truncated to the shortest); None when no seed
+    has validated yet."""
+    curves = [(np.asarray(i), np.asarray(d, float)) for i, d in curves if len(i)]
     if not curves:
         return None
     n = min(len(c[0]) for c in curves)
     return curves[0][0][:n], np.mean([c[1][:n] for c in curves], axis=0), len(curves)
+
+
+def record_curve(record):
+    points = np.array(record["validation"], float).reshape(-1, 2)
+    return points[:, 0].astype(int), points[:, 1]
 
 
 def last_quarter(it, dice):
@@ -86,7 +160,7 @@ def fold_wall_seconds(fold):
     return float(sum(working_gaps(steps))) if steps else None
 
 
-def organ_shares(env):
+def organ_shares():
     """Voxel share (%) of each organ over the training cases' labels."""
     from utils.io import read_list
     from utils.task import get_task
@@ -113,16 +187,23 @@ def load_test_labels():
     return {case: load_gt(task, case, "auto")[0] for case in read_list(task.split_path("test"))}
 
 
-def confusion_on_test_cases(fold, labels):
-    """Voxel confusion of a fold's test predictions (``predictions_AB``) against ``labels`` (``load_test_labels()``)."""
+def test_statistics(fold, labels):
+    """Raw class statistics [cases, C-1, 5] (utils.metrics.class_stats, as evaluate_Ntimes.py collects them) and the
+    voxel confusion of a fold's test predictions (``predictions_AB``) against ``labels`` (``load_test_labels()``)."""
     from evaluate_Ntimes import load_prediction
+    from utils.metrics import class_stats
+    from utils.io import DataError
     from utils.task import get_task
     num_cls = get_task("phantom").num_cls
-    total = np.zeros((num_cls, num_cls), np.int64)
+    stats, total = [], np.zeros((num_cls, num_cls), np.int64)
     for case, gt in labels.items():
-        pred, _ = load_prediction(os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"), num_cls)
+        path = os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz")
+        pred, spacing = load_prediction(path, num_cls)
+        if pred.shape != gt.shape:
+            raise DataError(f"{path}: prediction shape {pred.shape} differs from the ground truth's {gt.shape}")
+        stats.append(class_stats(pred, gt, num_cls, spacing))
         total += confusion(gt, pred, num_cls)
-    return total
+    return np.array(stats), total
 
 
 def voxel_summary(conf, organ):
@@ -138,7 +219,8 @@ def voxel_summary(conf, organ):
             100 * conf[0, 1:].sum() / predicted[1:].sum(), np.nanmean(precision[1:]), np.nanmean(recall[1:]))
 
 
-def plot_curves(methods, folds, path):
+def plot_curves(records, path):
+    """records: {method: [run record, ...]}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -146,8 +228,8 @@ def plot_curves(methods, folds, path):
     fig, ax = plt.subplots(figsize=(9, 5.5))
     tab20 = plt.get_cmap("tab20").colors
     others = iter(tab20[4:14] + tab20[16:] + tab20[:4] * 4)  # not the blue, orange and grey of STRONG first
-    for m in methods:
-        curve = mean_curve([f for f in folds if f.method == m])
+    for m, recs in records.items():
+        curve = mean_curve([record_curve(r) for r in recs])
         if curve is None:
             continue
         it, dice, n_seeds = curve
@@ -200,10 +282,11 @@ def plot_organs(results, shares, path):
     plt.close(fig)
 
 
-def iterations_cell(folds):
+def iterations_cell(records):
     """The summary's iterations column: each seed's trained count, marked where it stopped early, and the plan."""
-    runs = [trained_iterations(f) for f in folds]
-    return ", ".join(f"{n}{' (early stop)' if early else ''}" for n, early in runs) + f" of {folds[0].iterations}"
+    runs = [r["iterations"] for r in records]
+    return ", ".join(f"{n['trained']}{' (early stop)' if n['early_stop'] else ''}" for n in runs) + \
+        f" of {runs[0]['planned']}"
 
 
 def ranking(results):
@@ -211,13 +294,22 @@ def ranking(results):
     return sorted(results, key=lambda m: -float(np.mean(results[m][0])))
 
 
-def commits(folds):
-    found = set()
-    for f in folds:
-        path = os.path.join(f.folder, "benchmark.log")
-        if os.path.isfile(path):
-            found.update(re.findall(r"commit ([0-9a-f]{7,40}(?:\+changes)?)", open(path, errors="replace").read()))
-    return sorted(found)
+def _benchmark_log(fold):
+    path = os.path.join(fold.folder, "benchmark.log")
+    return open(path, errors="replace").read() if os.path.isfile(path) else ""
+
+
+def fold_commits(fold):
+    """The commits a fold's commands ran on (its benchmark.log), in order of first use."""
+    found = re.findall(r"commit ([0-9a-f]{7,40}(?:\+changes)?)", _benchmark_log(fold))
+    return list(dict.fromkeys(found))
+
+
+def fold_commands(fold):
+    """The train and test command lines a fold ran (its benchmark.log), without the machine's folders: ``python
+    code/train_dhc.py ...``."""
+    lines = [line[2:] for line in _benchmark_log(fold).splitlines() if line.startswith("# ") and " commit " not in line]
+    return [re.sub(r"^\S*python\S*", "python", re.sub(r"\S*/(code/\S+\.py)", r"\1", line)) for line in lines]
 
 
 def shown_path(path):
@@ -226,32 +318,32 @@ def shown_path(path):
     return path if rel.startswith("..") else rel
 
 
-def write_report(methods, folds, out, env):
-    import json
-    from utils.task import get_task
-    from make_table import make_table
+def write_report(methods, folds, out, runs):
+    """The page and its figures in ``out`` from the run records in ``runs`` (rows of ``methods`` only; ``folds``:
+    the runner's plan, for the "not yet run" line)."""
     from utils.io import write_text
+    from make_table import write_tables
     os.makedirs(out, exist_ok=True)
     prefix = os.path.join(out, f"{P.name}")
-    done = {m: finished_folds(m, folds) for m in methods}
-    exps = {m: evaluate(m, k, env) for m, k in done.items() if k}
-    if not exps:
-        print("nothing finished yet: no table")
+    records = {m: recs for m, recs in load_records(runs).items() if m in methods}
+    if not records:
+        print("nothing recorded yet: no table")
         return
-    results = {}
-    for m, folder in exps.items():
-        res = json.load(open(os.path.join(folder, "results.json")))["paper"]["dice"]
-        results[m] = (np.array(res["class_mean"], float), np.array(res["class_std"], float))
-    exps = {m: exps[m] for m in ranking(results)}
-    table = make_table([exps[m] for m in exps], prefix, names=list(exps))
-    shares = organ_shares(env)
-    plot_curves(methods, [f for f in folds if f.trained()], prefix + "_curves.png")
+    evaluated = {m: method_results(m, recs) for m, recs in records.items()}
+    results = {m: (np.array(res["paper"]["dice"]["class_mean"], float),
+                   np.array(res["paper"]["dice"]["class_std"], float)) for m, res in evaluated.items()}
+    records = {m: records[m] for m in ranking(results)}
+    table = write_tables([(m, evaluated[m]) for m in records], prefix)
+    shares = organ_shares()
+    plot_curves(records, prefix + "_curves.png")
     plot_organs(results, shares, prefix + "_organs.png")
     rare = np.argsort(shares)[:5]
+    commits = list(dict.fromkeys(c for recs in records.values() for r in recs for c in r["commits"]))
     lines = [f"# Phantom benchmark, {P.label_ratio} % labels: every method under one protocol", "",
              "Written by `make benchmark` (scripts/benchmark.py, scripts/benchmark_report.py, code/make_table.py) "
-             "from the runs under `" + shown_path(env["DHC_LOG_ROOT"]) + "`; runs on commit(s) " +
-             (", ".join(f"`{c}`" for c in commits(folds)) or "n/a") + ".", "",
+             "from the run records in `" + shown_path(runs) + "` (one per row and seed, written when the run "
+             "finished: its commands, iterations, timing, validation curve and test statistics); runs on "
+             "commit(s) " + (", ".join(f"`{c}`" for c in sorted(commits)) or "n/a") + ".", "",
              "## Protocol", "", "`config.BENCHMARK`:", "",
              f"- Phantom: {P.n_cases} cases written on a {'x'.join(map(str, P.raw_shape))} grid "
              f"(`code/data/phantom.py --shape`), halved in-plane at load time; splits train 13 / eval 3 / test 4, "
@@ -269,16 +361,14 @@ def write_report(methods, folds, out, env):
     lines += ["| method | seeds | mean Dice | organs > 0 | rare-five mean Dice | validation Dice, last quarter "
               "(min–max) | iterations trained (of planned) | s/it | training wall s per seed |",
               "|---|---|---|---|---|---|---|---|---|"]
-    from benchmark import seconds_per_iteration
-    for m in exps:
-        fs = [f for f in folds if f.method == m and f.fold <= done[m]]
-        rates = [r for r in map(seconds_per_iteration, fs) if r]
-        walls = [w for w in map(fold_wall_seconds, fs) if w]
-        curve = mean_curve(fs)
+    for m, recs in records.items():
+        rates = [r["seconds_per_iteration"] for r in recs if r["seconds_per_iteration"]]
+        walls = [r["wall_seconds"] for r in recs if r["wall_seconds"]]
+        curve = mean_curve([record_curve(r) for r in recs])
         flat = "{:.1f}–{:.1f}".format(*last_quarter(*curve[:2])) if curve else "n/a"
-        lines.append(f"| {m} | {', '.join(str(f.seed) for f in fs)} | {results[m][0].mean():.1f} | "
+        lines.append(f"| {m} | {', '.join(str(r['seed']) for r in recs)} | {results[m][0].mean():.1f} | "
                      f"{int((results[m][0] > 0).sum())} | "
-                     f"{np.mean(results[m][0][rare]):.1f} | {flat} | {iterations_cell(fs)} | "
+                     f"{np.mean(results[m][0][rare]):.1f} | {flat} | {iterations_cell(recs)} | "
                      + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
     liver = SYNAPSE_ORGANS.index("liver") + 1
     lines += ["", "Where the voxels go (test cases, voxels summed over the seeds): the liver's predicted ÷ true "
@@ -286,12 +376,10 @@ def write_report(methods, folds, out, env):
               "precision and recall averaged over the organs (precision over those predicted at all).", "",
               "| method | liver predicted ÷ true | liver precision | liver recall | organ voxels on background % | "
               "organ precision | organ recall |", "|---|---|---|---|---|---|---|"]
-    labels = load_test_labels()
-    for m in exps:
-        conf = sum(confusion_on_test_cases(f, labels) for f in folds if f.method == m and f.fold <= done[m])
-        ratio, *rest = voxel_summary(conf, liver)
+    for m, recs in records.items():
+        ratio, *rest = voxel_summary(sum(np.array(r["test"]["confusion"], np.int64) for r in recs), liver)
         lines.append(f"| {m} | {ratio:.2f} | " + " | ".join(f"{v:.1f}" for v in rest) + " |")
-    left = [f"{f.method} seed {f.seed}" for f in folds if not (f.trained() and f.tested())]
+    left = [f"{f.method} seed {f.seed}" for f in folds if not f.done()]
     lines += ["", "Not yet run: " + (", ".join(left) if left else "nothing") + ".", "",
               f"![learning curves]({P.name}_curves.png)", "", f"![per-organ Dice]({P.name}_organs.png)", "",
               f"![per-class Dice]({P.name}.png)", ""]

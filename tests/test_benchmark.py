@@ -1,6 +1,7 @@
 """The phantom benchmark's protocol and runner (scripts/benchmark.py, docs/benchmark/phantom_20p.md): the schedule
 arithmetic, the order folds run in, and what counts as trained, tested and resumable."""
 import importlib
+import json
 import os
 import sys
 import threading
@@ -26,6 +27,7 @@ def bench(tmp_path, monkeypatch):
     monkeypatch.setenv("DHC_PHANTOM_RAW", str(tmp_path / "raw"))  # set here so that teardown restores them
     monkeypatch.setenv("DHC_PHANTOM_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("DHC_LOG_ROOT", str(tmp_path / "logs"))
+    monkeypatch.setenv("DHC_BENCHMARK_RUNS", str(tmp_path / "runs"))
     import benchmark
     return importlib.reload(benchmark)
 
@@ -107,9 +109,14 @@ def test_fold_states_and_resume(bench):
         open(os.path.join(preds, f"{i}.nii.gz"), "w").close()
     assert not fold.tested()  # 3 of the 4 test cases
     open(os.path.join(preds, "3.nii.gz"), "w").close()
-    assert fold.tested()
+    assert fold.tested() and not fold.done()  # done once recorded
     lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
-    assert "done" in lines[0] and "2.00 s/it" in lines[0] and "left (2406 of 2406" in lines[1]
+    assert "2.00 s/it" in lines[0] and "to be recorded" in lines[0] and lines[-1].startswith("0 of 2 folds done")
+    os.makedirs(os.path.dirname(fold.record))
+    with open(fold.record, "w") as f:
+        f.write('{"seconds_per_iteration": 2.5}')
+    lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
+    assert "done" in lines[0] and "2.50 s/it" in lines[0] and "left (2406 of 2406" in lines[1]
     assert lines[-1].startswith("1 of 2 folds done")
 
 
@@ -169,7 +176,7 @@ def test_lanes_log_whole_lines(bench):
 
 def test_unknown_method_is_one_error_line(bench, capsys):
     assert bench.main(["--methods", "nope", "--status"]) == 2
-    assert capsys.readouterr().out.startswith("error: --methods: unknown nope")
+    assert capsys.readouterr().err.startswith("error: --methods: unknown nope")
 
 
 def test_report_curves_average_seeds_and_measure_the_last_quarter(bench):
@@ -187,13 +194,13 @@ def test_report_curves_average_seeds_and_measure_the_last_quarter(bench):
                 log.write(f"[05:00:01.000] validation epoch {epoch}: mean dice {dice:.4f} (best ...) | spleen 0.1\n")
     it, dice = benchmark_report.validation_curve(folds[0])
     assert it.tolist() == [6, 66, 126, 186, 246] and dice[-1] == pytest.approx(74.0)
-    it, dice, n = benchmark_report.mean_curve(folds)
+    it, dice, n = benchmark_report.mean_curve([benchmark_report.validation_curve(f) for f in folds])
     assert n == 2 and it.tolist() == [6, 66, 126, 186]
     assert dice == pytest.approx([15.0, 55.0, 65.0, 74.0])
     # last quarter: iterations >= 0.75 * 186 = 139.5, i.e. 186 only
     assert benchmark_report.last_quarter(it, dice) == pytest.approx((74.0, 74.0))
     assert benchmark_report.last_quarter(np.array([100, 750, 800, 1000]), np.array([1, 2, 5, 3.0])) == (2.0, 5.0)
-    assert benchmark_report.mean_curve([bench.Fold("cps", 0)]) is None
+    assert benchmark_report.mean_curve([benchmark_report.validation_curve(bench.Fold("cps", 0))]) is None
 
 
 def test_report_ranks_rows_by_mean_dice(bench):
@@ -222,7 +229,9 @@ def test_report_counts_the_iterations_a_run_trained(bench):
     assert benchmark_report.trained_iterations(folds[0]) == (321 * 6, True)
     assert benchmark_report.trained_iterations(folds[1]) == (401 * 6, False)
     assert benchmark_report.trained_iterations(bench.Fold("cps", 0)) == (0, False)
-    assert benchmark_report.iterations_cell(folds) == "1926 (early stop), 2406 of 2406"
+    records = [{"iterations": dict(zip(("trained", "early_stop"), benchmark_report.trained_iterations(f)),
+                                   planned=f.iterations)} for f in folds]
+    assert benchmark_report.iterations_cell(records) == "1926 (early stop), 2406 of 2406"
 
 
 def test_report_says_where_the_voxels_go(bench, tmp_path):
@@ -248,7 +257,11 @@ def test_report_says_where_the_voxels_go(bench, tmp_path):
     assert gt.shape == (4, 4, 4)
     labels = benchmark_report.load_test_labels()
     assert sorted(labels) == ["0017", "0018", "0019", "0020"] and (labels["0020"] == gt).all()
-    conf = benchmark_report.confusion_on_test_cases(fold, labels)
+    stats, conf = benchmark_report.test_statistics(fold, labels)
+    from evaluate_Ntimes import collect_stats
+    from utils.task import get_task
+    reference = collect_stats(get_task("phantom"), "Task_phantom_20p/dhc", 1, "AB", progress=False)[0][0]
+    assert stats.shape == (4, 13, 5) and np.array_equal(stats, reference, equal_nan=True)  # as evaluate_Ntimes.py
     assert (conf == expected).all() and conf.sum() == 4 * 64 and conf[6, 6] == 4 * 32 and conf[0, 6] == 4 * 16 - 4
     ratio, precision, recall, on_background, _, _ = benchmark_report.voxel_summary(conf, 6)
     # 128 liver voxels, 64 more predicted (60 background, 4 small-organ voxels), 4 small-organ voxels kept
@@ -261,3 +274,98 @@ def test_report_says_where_the_voxels_go(bench, tmp_path):
                      [4, 0, 0, 0]])  # class 3 is never predicted: no precision, recall 0
     assert benchmark_report.voxel_summary(conf, 1) == pytest.approx(
         (25 / 20, 60.0, 75.0, 100 * 10 / 33, 80.0, (75 + 80 + 0) / 3))
+
+
+def _finished_fold(bench, tmp_path, method, seed, rng):
+    """A fold as the runner leaves it when trained and tested: its logs, a checkpoint and four test predictions
+    (the ground truth with a fifth of the voxels relabelled at random), over a phantom with every organ."""
+    import SimpleITK as sitk
+    from data.transforms import halve_inplane_label
+    npy = tmp_path / "data" / "npy"
+    if not npy.is_dir():
+        os.makedirs(npy)
+        for i in range(1, 21):
+            np.save(npy / f"{i:04d}_label.npy", rng.integers(0, 14, (4, 16, 16)).astype(np.uint8))
+    fold = bench.Fold(method, seed)
+    os.makedirs(os.path.join(fold.folder, "ckpts"))
+    open(os.path.join(fold.folder, "ckpts", "best_model.pth"), "w").close()
+    with open(os.path.join(fold.folder, "train.log"), "w") as log:
+        for epoch in range(4):
+            log.write(f"[05:00:{10 * epoch:02d}.000] epoch {epoch} | lr 0.03 | loss 1\n")
+            dice = 0.1 * epoch + seed / 1000
+            log.write(f"[05:00:{10 * epoch + 5:02d}.000] validation epoch {epoch}: mean dice {dice:.4f} (best ...)\n")
+        log.write("[05:00:40.000] done: best mean dice 0.3 at epoch 3; checkpoint x\n")
+    with open(os.path.join(fold.folder, "benchmark.log"), "w") as log:
+        log.write(f"\n# 2026-12-07 05:00:00 commit abc1234\n# {' '.join(fold.train_cmd())}\n")
+    os.makedirs(os.path.join(fold.folder, "predictions_AB"))
+    for case in ["0017", "0018", "0019", "0020"]:
+        pred = halve_inplane_label(np.load(npy / f"{case}_label.npy"))
+        noise = rng.random(pred.shape) < 0.2
+        pred[noise] = rng.integers(0, 14, int(noise.sum()))
+        sitk.WriteImage(sitk.GetImageFromArray(pred), os.path.join(fold.folder, "predictions_AB", f"{case}.nii.gz"))
+    return fold
+
+
+def test_runs_are_recorded_and_the_page_is_written_from_records_alone(bench, tmp_path, monkeypatch, capsys):
+    """A finished fold becomes a run record; once recorded it is done on any machine (its logs, checkpoints and
+    predictions gone, as on a fresh checkout) and is not trained again, and the page's table equals
+    evaluate_Ntimes.py over the fold folders while they existed."""
+    import shutil
+    import benchmark_report
+    from evaluate_Ntimes import evaluate
+    from utils.task import get_task
+    rng = np.random.default_rng(0)
+    folds = [_finished_fold(bench, tmp_path, "dhc", seed, rng) for seed in (0, 1)]
+    expected = evaluate(get_task("phantom"), "Task_phantom_20p/dhc", 2, "AB", progress=False)["json"]["paper"]
+    bench.record_finished(folds + [bench.Fold("cps", 0)], log=lambda s: None)  # cps: not run, not recorded
+    assert [f.done() for f in folds] == [True, True] and not bench.Fold("cps", 0).done()
+    rec = json.load(open(folds[1].record))
+    assert rec["method"] == "dhc" and rec["seed"] == 1 and rec["commits"] == ["abc1234"]
+    assert rec["commands"][0].startswith("python code/train_dhc.py --task phantom --exp Task_phantom_20p/dhc/fold2 ")
+    assert rec["iterations"] == {"per_epoch": 6, "planned": 2406, "trained": 24, "early_stop": False}
+    assert rec["validation"] == [[6, 0.1], [12, 10.1], [18, 20.1], [24, 30.1]]
+    assert rec["seconds_per_iteration"] == pytest.approx(10 / 6) and rec["wall_seconds"] == 40
+
+    shutil.rmtree(tmp_path / "logs")  # a fresh machine: only the records are left
+    monkeypatch.setattr(bench.subprocess, "call", lambda *a, **k: pytest.fail("a recorded fold was run again"))
+    assert bench.run_fold(folds[0], log=lambda s: None) is None
+    assert "done" in bench.status(folds, jobs=2)[0]
+    out = tmp_path / "page"
+    benchmark_report.write_report(["dhc", "cps"], folds + [bench.Fold("cps", 0)], str(out), str(tmp_path / "runs"))
+    row = next(line for line in open(out / "phantom_20p.csv") if line.startswith("dhc,"))
+    cells = [float(v) for v in row.split(",")[1:]]
+    assert cells[0] == 2 and cells[1:-4:2] == pytest.approx(expected["dice"]["class_mean"])
+    assert cells[2:-4:2] == pytest.approx(expected["dice"]["class_std"])
+    assert cells[-4:] == pytest.approx([expected["dice"]["mean"], expected["dice"]["std"],
+                                        expected["asd"]["mean"], expected["asd"]["std"]])
+    page = open(out / "phantom_20p.md").read()
+    assert "| dhc | 0, 1 |" in page and "24, 24 of 2406 | 1.67 | 40 |" in page and "`abc1234`" in page
+    assert "Not yet run: cps seed 0." in page
+
+
+def test_bad_run_records(bench, tmp_path, capsys):
+    """A record made under another protocol is left out with a line naming it and what differs; an unreadable one
+    is an error naming the file; a record that cannot be made (a prediction missing) leaves no file behind."""
+    import benchmark_report
+    from utils.io import DataError
+    rng = np.random.default_rng(1)
+    fold = _finished_fold(bench, tmp_path, "cps", 0, rng)
+    benchmark_report.write_record(fold)
+    other = json.load(open(fold.record))
+    other["seed"], other["protocol"]["n_filters"] = 1, 8
+    with open(str(tmp_path / "runs" / "cps_seed1.json"), "w") as f:
+        json.dump(other, f)
+    records = benchmark_report.load_records(str(tmp_path / "runs"))
+    assert [r["seed"] for r in records["cps"]] == [0]
+    assert f"left out {tmp_path / 'runs' / 'cps_seed1.json'}: recorded under another protocol (n_filters differ)" \
+        in capsys.readouterr().out
+    with open(str(tmp_path / "runs" / "cps_seed1.json"), "w") as f:
+        f.write('{"version": 1, "method": "cps", "se')  # cut short
+    with pytest.raises(DataError, match="cps_seed1.json: unreadable run record"):
+        benchmark_report.load_records(str(tmp_path / "runs"))
+
+    fold = _finished_fold(bench, tmp_path, "dhc", 0, rng)
+    os.remove(os.path.join(fold.folder, "predictions_AB", "0020.nii.gz"))
+    with pytest.raises(Exception, match="0020.nii.gz"):
+        benchmark_report.write_record(fold)
+    assert sorted(os.listdir(tmp_path / "runs")) == ["cps_seed0.json", "cps_seed1.json"]

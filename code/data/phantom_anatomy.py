@@ -359,8 +359,8 @@ def _paint_adrenals(cv, rng, hu):
     nearly their own HU), so a thin soft-tissue streak against fat is all that shows them. Version 3 gives each
     limb a 5 mm fat plane all round, against the liver and the crus too, and 7.5 mm limbs (5.5 mm in version 2):
     version 2's right adrenal touched the liver on most of its outline and both were thinner than a voxel of the
-    halved grid, so no unweighted VNet learned them, even one trained on every case (docs/benchmark/phantom_20p.md).
-    Version 1 set them in soft tissue of their own HU."""
+    halved grid, so no unweighted VNet learned them, even one trained on every case
+    (docs/benchmark/first_pass/phantom_20p.md). Version 1 set them in soft tissue of their own HU."""
     for name, apex, ends, ct in (("adrenal_r", [-36, 16], [[-30, 40], [-50, 36]], 92.0),
                                  ("adrenal_l", [40, 12], [[34, 36], [54, 32]], 102.0)):
         j, s = _jit(rng, 2.5, 4.0), rng.uniform(0.9, 1.2)
