@@ -46,6 +46,17 @@ def _nan_to_none(a):
         (None if np.isnan(a) else float(a))
 
 
+def machine():
+    """What the timing was measured on: CPU model, cores, torch and Python versions."""
+    import platform
+    import torch
+    cpu = platform.processor() or "unknown CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   cpu)
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
 def fold_record(fold, labels):
     """The run record of a trained and tested fold (``labels``: ``load_test_labels()``)."""
     from benchmark import seconds_per_iteration
@@ -58,6 +69,7 @@ def fold_record(fold, labels):
             "iterations": {"per_epoch": fold.per_epoch, "planned": fold.iterations, "trained": trained,
                            "early_stop": early},
             "seconds_per_iteration": seconds_per_iteration(fold), "wall_seconds": fold_wall_seconds(fold),
+            "machine": machine(),
             "validation": [[int(i), round(float(d), 4)] for i, d in zip(it, dice)],
             "test": {"cps": "AB", "ids": list(labels), "class_names": list(get_task("phantom").class_names),
                      "stat_columns": STAT_COLUMNS, "stats": _nan_to_none(stats), "confusion": conf.tolist()}}
@@ -275,7 +287,8 @@ def plot_organs(results, shares, path):
     ax.set_ylim(0, 100)
     ax.set_title("Per-organ test Dice against organ size (rare organs on the left)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -370,6 +383,13 @@ def write_report(methods, folds, out, runs):
                      f"{int((results[m][0] > 0).sum())} | "
                      f"{np.mean(results[m][0][rare]):.1f} | {flat} | {iterations_cell(recs)} | "
                      + (f"{np.mean(rates):.2f} | {np.mean(walls):.0f} |" if rates and walls else "n/a | n/a |"))
+    machines = {}
+    for m, recs in records.items():
+        for r in recs:
+            cpu = r.get("machine", {})
+            key = f"{cpu.get('cpu', 'unknown CPU')}, {cpu.get('cores', '?')} cores, torch {cpu.get('torch', '?')}"
+            machines.setdefault(key, []).append(f"{m} {r['seed']}")
+    lines += ["", "Timing measured on " + "; ".join(f"{k} ({', '.join(v)})" for k, v in machines.items()) + "."]
     liver = SYNAPSE_ORGANS.index("liver") + 1
     lines += ["", "Where the voxels go (test cases, voxels summed over the seeds): the liver's predicted ÷ true "
               "volume, precision and recall; the share of voxels predicted as an organ that are background; "
@@ -380,7 +400,7 @@ def write_report(methods, folds, out, runs):
         ratio, *rest = voxel_summary(sum(np.array(r["test"]["confusion"], np.int64) for r in recs), liver)
         lines.append(f"| {m} | {ratio:.2f} | " + " | ".join(f"{v:.1f}" for v in rest) + " |")
     left = [f"{f.method} seed {f.seed}" for f in folds if not f.done()]
-    lines += ["", "Not yet run: " + (", ".join(left) if left else "nothing") + ".", "",
+    lines += ["", "Not yet recorded: " + (", ".join(left) if left else "nothing") + ".", "",
               f"![learning curves]({P.name}_curves.png)", "", f"![per-organ Dice]({P.name}_organs.png)", "",
               f"![per-class Dice]({P.name}.png)", ""]
     reading = prefix + "_reading.md"

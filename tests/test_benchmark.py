@@ -340,7 +340,8 @@ def test_runs_are_recorded_and_the_page_is_written_from_records_alone(bench, tmp
                                         expected["asd"]["mean"], expected["asd"]["std"]])
     page = open(out / "phantom_20p.md").read()
     assert "| dhc | 0, 1 |" in page and "24, 24 of 2406 | 1.67 | 40 |" in page and "`abc1234`" in page
-    assert "Not yet run: cps seed 0." in page
+    assert "Not yet recorded: cps seed 0." in page
+    assert f"Timing measured on {rec['machine']['cpu']}, {os.cpu_count()} cores, torch " in page
 
 
 def test_bad_run_records(bench, tmp_path, capsys):
