@@ -13,7 +13,6 @@ only records the folds finished but not yet recorded and (re)writes the table an
 """
 import argparse
 import glob
-import json
 import math
 import os
 import re
@@ -94,14 +93,16 @@ class Fold:
         self.iterations = (self.max_epoch + 1) * self.per_epoch
 
     def done(self):
-        """Recorded (benchmark_report.fold_record): finished here or on another machine."""
-        return os.path.isfile(self.record)
+        """Recorded under this protocol (benchmark_report.fold_record): finished here or on another machine. A record
+        of another ``config.BENCHMARK`` does not count: the fold is trained again and its record replaced."""
+        from benchmark_report import protocol_changes, read_record
+        return os.path.isfile(self.record) and not protocol_changes(read_record(self.record))
 
     def rate(self):
         """Seconds per iteration: the record's, else measured from the log so far (None before three epochs)."""
         if self.done():
-            with open(self.record) as f:
-                return json.load(f)["seconds_per_iteration"]
+            from benchmark_report import read_record
+            return read_record(self.record)["seconds_per_iteration"]
         return seconds_per_iteration(self)
 
     def trained(self):

@@ -81,21 +81,33 @@ def write_record(fold, labels=None):
     write_json(fold.record, fold_record(fold, load_test_labels() if labels is None else labels))
 
 
+def read_record(path):
+    """A run record as a dict; an unreadable or foreign file is a DataError naming it."""
+    from utils.io import DataError
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+        ok = rec.get("version") == RECORD_VERSION and all(k in rec for k in ("method", "seed", "protocol", "test"))
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: unreadable run record ({e})") from None
+    if not ok:
+        raise DataError(f"{path}: not a run record of version {RECORD_VERSION}")
+    return rec
+
+
+def protocol_changes(rec):
+    """The protocol fields in which a record differs from ``config.BENCHMARK`` (empty: it counts)."""
+    mine = protocol()
+    return sorted(k for k in set(mine) | set(rec["protocol"]) if rec["protocol"].get(k) != mine.get(k))
+
+
 def load_records(runs):
     """{method: [run record, ...] in the protocol's seed order} of every record in ``runs``. A record made under
     another protocol is left out with one line naming it; an unreadable one is an error."""
-    from utils.io import DataError
-    found, mine = {}, protocol()
+    found = {}
     for path in sorted(glob.glob(os.path.join(runs, "*.json"))):
-        try:
-            with open(path) as f:
-                rec = json.load(f)
-            ok = rec.get("version") == RECORD_VERSION and all(k in rec for k in ("method", "seed", "test"))
-        except (OSError, ValueError, AttributeError) as e:
-            raise DataError(f"{path}: unreadable run record ({e})") from None
-        if not ok:
-            raise DataError(f"{path}: not a run record of version {RECORD_VERSION}")
-        changed = sorted(k for k in set(mine) | set(rec.get("protocol", {})) if rec["protocol"].get(k) != mine.get(k))
+        rec = read_record(path)
+        changed = protocol_changes(rec)
         if changed:
             print(f"left out {path}: recorded under another protocol ({', '.join(changed)} differ)")
             continue

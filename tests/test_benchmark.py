@@ -113,8 +113,10 @@ def test_fold_states_and_resume(bench):
     lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
     assert "2.00 s/it" in lines[0] and "to be recorded" in lines[0] and lines[-1].startswith("0 of 2 folds done")
     os.makedirs(os.path.dirname(fold.record))
+    from benchmark_report import RECORD_VERSION, protocol
     with open(fold.record, "w") as f:
-        f.write('{"seconds_per_iteration": 2.5}')
+        json.dump({"version": RECORD_VERSION, "method": "cps", "seed": 1, "protocol": protocol(), "test": {},
+                   "seconds_per_iteration": 2.5}, f)
     lines = bench.status([fold, bench.Fold("dhc", 0)], jobs=2)
     assert "done" in lines[0] and "2.50 s/it" in lines[0] and "left (2406 of 2406" in lines[1]
     assert lines[-1].startswith("1 of 2 folds done")
@@ -358,6 +360,7 @@ def test_bad_run_records(bench, tmp_path, capsys):
         json.dump(other, f)
     records = benchmark_report.load_records(str(tmp_path / "runs"))
     assert [r["seed"] for r in records["cps"]] == [0]
+    assert bench.Fold("cps", 0).done() and not bench.Fold("cps", 1).done()  # the other protocol's fold runs again
     assert f"left out {tmp_path / 'runs' / 'cps_seed1.json'}: recorded under another protocol (n_filters differ)" \
         in capsys.readouterr().out
     with open(str(tmp_path / "runs" / "cps_seed1.json"), "w") as f:
